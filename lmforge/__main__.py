@@ -1,0 +1,5 @@
+"""`python -m lmforge ...` runs the `lmforge` command."""
+
+from lmforge.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Sources -> token shards; objective batchers."""

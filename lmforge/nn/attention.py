@@ -1,0 +1,146 @@
+"""Multi-head attention: MHA / GQA / MQA, self or cross, with a readable eager oracle.
+
+Shapes: B batch, T queries, S keys, H query heads, K key/value heads, D head dim.
+Key/value heads are stored once (K of them) and shared by H // K query heads each.
+
+Masks reach attention as an `AttentionMask`: either `is_causal` with no tensor (the fast path
+that lets SDPA pick FlashAttention), or an additive float `bias` (B|1, H|1, T, S) that already
+holds padding, causality, sliding windows and position biases (ALiBi, T5), built once per
+forward by `build_attention_mask` and shared by every layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import AttentionConfig
+from lmforge.nn.positions import apply_rope
+
+
+@dataclass
+class AttentionMask:
+    bias: torch.Tensor | None = None  # (B|1, H|1, T, S) additive; masked entries hold dtype's min
+    is_causal: bool = False  # only with bias None and T == S
+
+
+def build_attention_mask(
+    *,
+    q_idx: torch.Tensor,
+    k_idx: torch.Tensor,
+    causal: bool,
+    dtype: torch.dtype,
+    window: int | None = None,
+    key_padding: torch.Tensor | None = None,
+    position_bias: torch.Tensor | None = None,
+) -> AttentionMask:
+    """Combine every masking rule into one additive bias.
+
+    q_idx (T,), k_idx (S,): absolute indices of queries and keys (queries of a cached decode step
+    start after the cached keys). key_padding (B, S): True/1 for real tokens. A query may see key j
+    if j is not padding, j <= i when causal, and i - j < window with a sliding window.
+    """
+    T, S = q_idx.numel(), k_idx.numel()
+    if key_padding is None and window is None and position_bias is None:
+        if not causal:
+            return AttentionMask()
+        if T == S:
+            return AttentionMask(is_causal=True)
+        if T == 1:  # one new query after the cache: every cached key is in its past
+            return AttentionMask()
+    allowed = torch.ones(T, S, dtype=torch.bool, device=q_idx.device)
+    offset = q_idx[:, None] - k_idx[None, :]  # (T, S)
+    if causal:
+        allowed &= offset >= 0
+    if window is not None:
+        allowed &= offset < window
+    allowed = allowed[None, None]  # (1, 1, T, S)
+    if key_padding is not None:
+        allowed = allowed & key_padding.bool()[:, None, None, :]  # (B, 1, T, S)
+    bias = torch.zeros((), dtype=dtype, device=q_idx.device) if position_bias is None else position_bias.to(dtype)
+    # A finite minimum (not -inf) keeps fully masked rows (left-padding queries) free of NaN.
+    return AttentionMask(bias=torch.where(allowed, bias, torch.finfo(dtype).min))
+
+
+def eager_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout: float = 0.0
+) -> torch.Tensor:
+    """softmax(Q K^T * scale + bias) V, written out: the reference every fast path is tested against."""
+    groups = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+    v = v.repeat_interleave(groups, dim=1)
+    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    if mask.is_causal:
+        T, S = scores.shape[-2:]
+        causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    if mask.bias is not None:
+        scores = scores + mask.bias
+    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = F.dropout(probs, p=dropout, training=dropout > 0)
+    return probs @ v  # (B, H, T, D)
+
+
+def sdpa_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout: float = 0.0
+) -> torch.Tensor:
+    """torch's fused scaled_dot_product_attention (FlashAttention / memory-efficient kernels on GPU)."""
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=mask.bias, dropout_p=dropout, is_causal=mask.is_causal, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+
+
+ATTENTION_BACKENDS = {"eager": eager_attention, "sdpa": sdpa_attention}
+
+
+class Attention(nn.Module):
+    """Self-attention (keys from x) or cross-attention (keys from `memory`), chosen at construction."""
+
+    def __init__(self, d_model: int, cfg: AttentionConfig, *, cross: bool = False, layer_idx: int = 0) -> None:
+        super().__init__()
+        if cfg.backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention backend {cfg.backend!r} is unknown; valid: {sorted(ATTENTION_BACKENDS)}")
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
+        self.scale = cfg.softmax_scale if cfg.softmax_scale is not None else self.head_dim**-0.5
+        self.dropout = cfg.dropout
+        self.cross = cross
+        self.layer_idx = layer_idx
+        self.attend = ATTENTION_BACKENDS[cfg.backend]
+        q_dim, kv_dim = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.split = [q_dim, kv_dim, kv_dim]
+        if cross:
+            self.q = nn.Linear(d_model, q_dim, bias=cfg.qkv_bias)
+            self.kv = nn.Linear(d_model, 2 * kv_dim, bias=cfg.qkv_bias)
+        else:
+            self.qkv = nn.Linear(d_model, q_dim + 2 * kv_dim, bias=cfg.qkv_bias)
+        self.o = nn.Linear(q_dim, d_model, bias=cfg.out_bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: AttentionMask,
+        *,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache=None,
+        memory: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        if self.cross:
+            q = self.q(x)
+            k, v = self.kv(memory).split(self.split[1:], dim=-1)
+        else:
+            q, k, v = self.qkv(x).split(self.split, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, k.shape[1], self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, S, D)
+        v = v.view(B, v.shape[1], self.n_kv_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = (t.to(q.dtype) for t in rope)
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # (B, K, past + T, D)
+        y = self.attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))

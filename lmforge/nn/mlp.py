@@ -1,0 +1,55 @@
+"""Position-wise feed-forward networks: plain (ReLU/GELU) and gated (SwiGLU/GeGLU)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.config import MLPConfig
+
+ACTIVATIONS = {
+    "relu": F.relu,
+    "gelu": F.gelu,  # exact erf form (BERT)
+    "gelu_tanh": partial(F.gelu, approximate="tanh"),  # GPT-2's approximation
+    "silu": F.silu,  # Swish-1; with gating this is SwiGLU (Shazeer 2020)
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"activation {name!r} is unknown; valid: {sorted(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+class MLP(nn.Module):
+    """down(act(up(x))): the Transformer's FFN (Vaswani et al. 2017, eq. 2)."""
+
+    def __init__(self, d_model: int, cfg: MLPConfig) -> None:
+        super().__init__()
+        self.act = activation(cfg.activation)
+        self.up = nn.Linear(d_model, cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.up(x)))
+
+
+class GatedMLP(nn.Module):
+    """down(act(gate(x)) * up(x)): GLU variants (Shazeer 2020, eq. 6), SwiGLU with silu."""
+
+    def __init__(self, d_model: int, cfg: MLPConfig) -> None:
+        super().__init__()
+        self.act = activation(cfg.activation)
+        self.gate = nn.Linear(d_model, cfg.d_ff, bias=cfg.bias)
+        self.up = nn.Linear(d_model, cfg.d_ff, bias=cfg.bias)
+        self.down = nn.Linear(cfg.d_ff, d_model, bias=cfg.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(self.act(self.gate(x)) * self.up(x))
+
+
+def make_mlp(d_model: int, cfg: MLPConfig) -> nn.Module:
+    return (GatedMLP if cfg.gated else MLP)(d_model, cfg)
