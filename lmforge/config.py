@@ -176,6 +176,8 @@ class ModelConfig:
         _check_positive("mlp.d_ff", m.d_ff)
         if self.moe is not None:
             _check_positive("moe.n_experts", self.moe.n_experts)
+            if m.bias:
+                raise ValueError("mlp.bias=True is not supported with MoE experts; set mlp.bias=False")
             if not 1 <= self.moe.top_k <= self.moe.n_experts:
                 raise ValueError(
                     f"moe.top_k={self.moe.top_k} must lie in [1, moe.n_experts={self.moe.n_experts}]"
@@ -214,9 +216,6 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         d.pop("padded_vocab_size")
         return d
-
-    def replace(self, **overrides: Any) -> ModelConfig:
-        return ModelConfig.from_dict(self.to_dict(), **overrides)
 
     def summary(self) -> str:
         a, p = self.attention, self.position

@@ -72,14 +72,16 @@ def eager_attention(
     groups = q.shape[1] // k.shape[1]
     k = k.repeat_interleave(groups, dim=1)  # (B, H, S, D)
     v = v.repeat_interleave(groups, dim=1)
-    scores = (q @ k.transpose(-2, -1)) * scale  # (B, H, T, S)
+    # Scores in fp32 (as the softmax): in fp16, a negative score plus the mask's minimum (-65504)
+    # overflows to -inf, and a fully masked row (a left-padding query) would turn into NaN.
+    scores = (q @ k.transpose(-2, -1)).float() * scale  # (B, H, T, S)
     if mask.is_causal:
         T, S = scores.shape[-2:]
         causal = torch.ones(T, S, dtype=torch.bool, device=q.device).tril()
         scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
     if mask.bias is not None:
         scores = scores + mask.bias
-    probs = torch.softmax(scores.float(), dim=-1).to(q.dtype)
+    probs = torch.softmax(scores, dim=-1).to(q.dtype)
     probs = F.dropout(probs, p=dropout, training=dropout > 0)
     return probs @ v  # (B, H, T, D)
 

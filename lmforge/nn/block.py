@@ -51,6 +51,7 @@ class Block(nn.Module):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask, rope=rope, cache=cache))
         if self.cross:
+            memory_mask = AttentionMask() if memory_mask is None else memory_mask  # None: every memory key visible
             x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory_mask, memory=memory))
         aux: dict[str, torch.Tensor] = {}
         if self.is_moe:

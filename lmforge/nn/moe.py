@@ -37,8 +37,6 @@ class MoE(nn.Module):
     def __init__(self, d_model: int, mlp: MLPConfig, cfg: MoEConfig) -> None:
         super().__init__()
         E, Fdim = cfg.n_experts, mlp.d_ff
-        if mlp.bias:
-            raise ValueError("mlp.bias=True is not supported with MoE experts; set mlp.bias=False")
         self.cfg = cfg
         self.act = activation(mlp.activation)
         self.gated = mlp.gated
@@ -74,6 +72,8 @@ class MoE(nn.Module):
         token = order // k  # which token each sorted pair came from
         counts = torch.bincount(flat, minlength=self.w_up.shape[0]).tolist()
         pieces = [self.expert(e, part) for e, part in enumerate(x[token].split(counts)) if counts[e]]
+        if not pieces:  # no tokens at all
+            return torch.zeros_like(x)
         out = torch.cat(pieces) * weights.reshape(-1)[order, None]
         return torch.zeros_like(x).index_add_(0, token, out)
 

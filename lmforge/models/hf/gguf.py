@@ -91,5 +91,6 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             hf_name = _TENSOR_NAMES[name]
         else:
             raise ValueError(f"{path.name}: tensor {name!r} has no Llama counterpart")
-        state[hf_name] = torch.from_numpy(np.ascontiguousarray(weight))
+        # F32 tensors are views of GGUFReader's read-only memory map: copy, or an in-place update segfaults.
+        state[hf_name] = torch.from_numpy(np.array(weight, dtype=np.float32, order="C"))
     return config, state
