@@ -18,6 +18,7 @@ NORMS = ("layer", "rms")
 NORM_PLACEMENTS = ("pre", "post")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 ATTN_BACKENDS = ("sdpa", "eager")
+HEADS = ("lm", "sequence_classification", "token_classification", "none")
 
 
 def _check_choice(name: str, value: Any, choices: tuple) -> None:
@@ -53,6 +54,7 @@ class PositionConfig:
 
     kind: str = "rope"
     max_seq_len: int = 2048
+    offset: int = 0  # learned table rows skipped before position 0 (BART keeps 2)
     rope_theta: float = 10000.0
     rope_scaling: str = "none"  # "linear" (position interpolation) or "llama3"
     rope_factor: float = 1.0
@@ -108,7 +110,14 @@ class ModelConfig:
     tie_embeddings: bool = True
     lm_head_bias: bool = False
     embed_scale: float = 1.0  # multiplies token embeddings; sqrt(d_model) in the original Transformer
+    embed_norm: bool = False  # a norm right after the embeddings (BERT, BART)
+    type_vocab_size: int = 0  # BERT's segment (token type) embeddings; 0 = none
     final_norm: bool = True  # pre-norm stacks end with a norm; post-norm stacks do not
+    head: str = "lm"  # "lm" (vocab logits), "sequence_classification", "token_classification", "none" (hidden)
+    n_labels: int = 2  # classification heads
+    pooler: bool = False  # BERT pooler: dense + tanh over the first token (used by sequence classification)
+    head_transform: bool = False  # BERT MLM head: dense + activation + norm before the vocab projection
+    head_input_scale: float = 1.0  # T5 with tied embeddings scales the last hidden state by d_model ** -0.5
     dropout: float = 0.0  # residual and embedding dropout
     pad_vocab_multiple: int = 1  # embedding rows rounded up for fast matmuls; logits keep vocab_size
     init_std: float = 0.02
@@ -135,10 +144,18 @@ class ModelConfig:
         _check_choice("norm.placement", n.placement, NORM_PLACEMENTS)
         _check_choice("mlp.activation", m.activation, ACTIVATIONS)
         _check_choice("attention.backend", a.backend, ATTN_BACKENDS)
+        _check_choice("head", self.head, HEADS)
+        if self.arch != "encoder" and self.head != "lm":
+            raise ValueError(f"head={self.head!r} needs arch='encoder' (got arch={self.arch!r}); "
+                             "decoders and encoder-decoders end in an 'lm' head")
+        if self.head.endswith("classification"):
+            _check_positive("n_labels", self.n_labels)
         for name in ("vocab_size", "d_model", "n_layer", "pad_vocab_multiple"):
             _check_positive(name, getattr(self, name))
         _check_positive("attention.n_head", a.n_head)
         _check_positive("position.max_seq_len", p.max_seq_len)
+        if p.offset < 0:
+            raise ValueError(f"position.offset={p.offset} must be >= 0")
 
         if a.head_dim is None:
             if self.d_model % a.n_head:

@@ -7,10 +7,13 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.models.decoder import DecoderLM
+from lmforge.models.encoder import EncoderModel
+from lmforge.models.encoder_decoder import EncoderDecoderLM
 from lmforge.models.init import init_weights
 from lmforge.models.output import ModelOutput
 
-MODELS: dict[str, type[nn.Module]] = {"decoder": DecoderLM}
+MODELS: dict[str, type[nn.Module]] = {"decoder": DecoderLM, "encoder": EncoderModel,
+                                      "encoder_decoder": EncoderDecoderLM}
 
 
 def model_class(cfg: ModelConfig) -> type[nn.Module]:

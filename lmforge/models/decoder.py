@@ -7,38 +7,20 @@ advances the cache after the call.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import ModelConfig
+from lmforge.models.heads import make_head
 from lmforge.models.output import ModelOutput
-from lmforge.nn.attention import build_attention_mask
-from lmforge.nn.block import Block
+from lmforge.models.stack import Stack
 from lmforge.nn.kv_cache import KVCache
-from lmforge.nn.norms import make_norm
-from lmforge.nn.positions import make_positions
 
 
-def mean_aux_losses(per_layer: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Average each auxiliary loss over the layers that produced it."""
-    out: dict[str, torch.Tensor] = {}
-    for name in {k for d in per_layer for k in d}:
-        values = [d[name] for d in per_layer if name in d]
-        out[name] = torch.stack(values).mean()
-    return out
-
-
-class DecoderLM(nn.Module):
+class DecoderLM(Stack):
     def __init__(self, cfg: ModelConfig) -> None:
-        super().__init__()
-        self.config = cfg
+        super().__init__(cfg, causal=True)
         self.embed = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.positions = make_positions(cfg, bidirectional=False)
-        self.drop = nn.Dropout(cfg.dropout)
-        self.blocks = nn.ModuleList(Block(cfg, layer_idx=i) for i in range(cfg.n_layer))
-        self.norm = make_norm(cfg.d_model, cfg.norm) if cfg.final_norm else nn.Identity()
-        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        self.lm_head_bias = nn.Parameter(torch.zeros(cfg.padded_vocab_size)) if cfg.lm_head_bias else None
+        self.head = make_head(cfg)
 
     def forward(
         self,
@@ -50,31 +32,8 @@ class DecoderLM(nn.Module):
     ) -> ModelOutput:
         """input_ids (B, T); positions (B, T); attention_mask (B, past + T), 1 for real tokens;
         cache: written at cache.pos, which the caller advances afterwards."""
-        cfg = self.config
-        B, T = input_ids.shape
-        past = cache.pos if cache is not None else 0
-        device = input_ids.device
-        q_idx = torch.arange(past, past + T, device=device)
-        k_idx = torch.arange(past + T, device=device)
-        if positions is None:
-            positions = q_idx[None].expand(B, T)
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but must be (batch, cached + new "
-                f"tokens) = {(B, past + T)}"
-            )
-        x = self.embed(input_ids) * cfg.embed_scale
-        x = self.drop(self.positions.add_to_embeddings(x, positions))
-        mask = build_attention_mask(
-            q_idx=q_idx, k_idx=k_idx, causal=True, dtype=x.dtype, window=cfg.attention.sliding_window,
-            key_padding=attention_mask, position_bias=self.positions.attention_bias(q_idx, k_idx),
-        )
-        rope = self.positions.rotary(positions)
-        aux = []
-        for block in self.blocks:
-            x, block_aux = block(x, mask, rope=rope, cache=cache)
-            aux.append(block_aux)
-        x = self.norm(x)
-        head = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(x, head, self.lm_head_bias)[..., : cfg.vocab_size]
-        return ModelOutput(logits=logits, aux_losses=mean_aux_losses(aux))
+        x = self.embed(input_ids) * self.config.embed_scale
+        hidden, aux = self.run(x, attention_mask=attention_mask, positions=positions, cache=cache)
+        out = self.head(hidden, self.embed.weight)
+        out.aux_losses = aux
+        return out

@@ -22,7 +22,8 @@ class KVCache:
     def for_model(cls, cfg, batch: int, max_len: int, dtype: torch.dtype = torch.float32,
                   device: torch.device | str = "cpu") -> KVCache:
         a = cfg.attention
-        return cls(cfg.n_layer, batch, a.n_kv_head, a.head_dim, max_len, dtype, device)
+        n_layer = cfg.n_decoder_layer if cfg.arch == "encoder_decoder" else cfg.n_layer  # cached: decoder only
+        return cls(n_layer, batch, a.n_kv_head, a.head_dim, max_len, dtype, device)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write k, v (B, K, T, D) at [pos, pos + T) and return all keys/values up to pos + T."""

@@ -31,12 +31,13 @@ class NoPositions(nn.Module):
 
 
 class LearnedPositions(NoPositions):
-    """A trained table of absolute position vectors (GPT-2, BERT)."""
+    """A trained table of absolute position vectors (GPT-2, BERT; BART starts at row `offset` = 2)."""
 
     def __init__(self, cfg: ModelConfig, bidirectional: bool) -> None:
         super().__init__()
         self.max_seq_len = cfg.position.max_seq_len
-        self.table = nn.Embedding(cfg.position.max_seq_len, cfg.d_model)
+        self.offset = cfg.position.offset
+        self.table = nn.Embedding(cfg.position.max_seq_len + self.offset, cfg.d_model)
 
     def add_to_embeddings(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if positions.numel() and int(positions.max()) >= self.max_seq_len:
@@ -44,7 +45,7 @@ class LearnedPositions(NoPositions):
                 f"position {int(positions.max())} exceeds the learned table of {self.max_seq_len} positions; "
                 "shorten the input or use a model with a longer position.max_seq_len"
             )
-        return x + self.table(positions)
+        return x + self.table(positions + self.offset)
 
 
 def sinusoidal_table(positions: torch.Tensor, dim: int, layout: str = "interleaved") -> torch.Tensor:

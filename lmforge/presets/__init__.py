@@ -9,9 +9,9 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from lmforge.presets import decoder
+from lmforge.presets import decoder, encoder, encoder_decoder
 
-_PRESETS: dict[str, dict[str, Any]] = {**decoder.PRESETS}
+_PRESETS: dict[str, dict[str, Any]] = {**decoder.PRESETS, **encoder.PRESETS, **encoder_decoder.PRESETS}
 
 
 def names() -> list[str]:

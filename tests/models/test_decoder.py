@@ -54,9 +54,9 @@ def test_padded_vocab_keeps_logits_at_vocab_size():
 
 def test_tied_head_shares_the_embedding():
     model = lmforge.build_model(lmforge.ModelConfig.from_preset("debug-llama"))
-    assert model.lm_head is None
+    assert model.head.proj is None
     untied = lmforge.build_model(lmforge.ModelConfig.from_preset("debug-mistral"))
-    assert untied.lm_head is not None and untied.lm_head.weight.data_ptr() != untied.embed.weight.data_ptr()
+    assert untied.head.proj is not None and untied.head.proj.weight.data_ptr() != untied.embed.weight.data_ptr()
 
 
 def _train(model: torch.nn.Module, steps: int = 15) -> tuple[list[float], set[str]]:

@@ -32,6 +32,12 @@ def infer_model_type(cfg: ModelConfig) -> str:
     """The HF family a config is written as when `cfg.hf_model_type` does not say."""
     if cfg.hf_model_type is not None:
         return cfg.hf_model_type
+    if cfg.arch != "decoder":
+        if cfg.position.kind == "relative":
+            return "t5"
+        if cfg.arch == "encoder":
+            return "bert"
+        return "marian" if cfg.position.kind == "sinusoidal" else "bart"
     if cfg.moe is not None:
         return "mixtral"
     if cfg.position.kind == "learned":
@@ -39,10 +45,6 @@ def infer_model_type(cfg: ModelConfig) -> str:
     if cfg.attention.qkv_bias and not cfg.attention.out_bias:
         return "qwen2"
     return "mistral" if cfg.attention.sliding_window else "llama"
-
-
-def _n_experts(cfg: ModelConfig) -> int:
-    return cfg.moe.n_experts if cfg.moe is not None else 0
 
 
 def from_hf_state(hf_config: dict, hf_state: dict[str, torch.Tensor], *, device: torch.device | str = "cpu",
@@ -53,7 +55,7 @@ def from_hf_state(hf_config: dict, hf_state: dict[str, torch.Tensor], *, device:
     hf_state = adapter.canonical(dict(hf_state))
     if cfg.tie_embeddings:
         hf_state.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
-    state = hf_to_ours(hf_state, adapter.rules(cfg), cfg.n_layer, _n_experts(cfg), ignore=adapter.ignore)
+    state = hf_to_ours(hf_state, adapter.rules(cfg), cfg, ignore=adapter.ignore)
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
     state = {k: v.to(device=device, dtype=dtype) for k, v in state.items()}
@@ -77,17 +79,18 @@ def load(path: str | Path, *, allow_pickle: bool = False, device: torch.device |
 
 
 def save_hf(model: nn.Module, out_dir: str | Path, *, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write `model` as a Hugging Face checkpoint folder (config.json + safetensors)."""
+    """Write `model` as a Hugging Face checkpoint folder (config.json + safetensors) that the matching
+    transformers class (AutoModelForCausalLM, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, ...) loads."""
     cfg: ModelConfig = model.config
     model_type = infer_model_type(cfg)
     adapter = adapter_for(model_type)
-    hf_config = {**adapter.config_to_hf(cfg), "model_type": model_type, "architectures": [adapter.architecture],
-                 "dtype": "float32"}
+    hf_config = {**adapter.config_to_hf(cfg), "model_type": model_type,
+                 "architectures": [adapter.architecture_for(cfg)], "dtype": "float32"}
     state = dict(model.state_dict())
-    for key in ("embed.weight", "lm_head.weight"):  # drop rows added by pad_vocab_multiple
+    for key in ("embed.weight", "head.proj.weight", "head.bias"):  # drop rows added by pad_vocab_multiple
         if key in state:
             state[key] = state[key][: cfg.vocab_size]
-    state = ours_to_hf(state, adapter.rules(cfg), cfg.n_layer, _n_experts(cfg))
+    state = ours_to_hf(state, adapter.rules(cfg), cfg)
     out = Path(out_dir)
     write_checkpoint(out, hf_config, {k: v.float() for k, v in state.items()}, max_shard_bytes=max_shard_bytes)
     return out

@@ -2,7 +2,8 @@
 Hugging Face's, with an explicit op for the few tensors that need more than a rename
 (transposes, fused q/k/v, stacked experts). The same rules run in both directions.
 
-Patterns: `{i}` is a layer index, `{e}` an expert index (expanded on the HF side and stacked).
+Patterns: `{i}` is a layer index (`{j}` a decoder layer of an encoder-decoder), `{e}` an expert
+index (expanded on the HF side and stacked).
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 import torch
+
+from lmforge.config import ModelConfig
 
 
 class Identity:
@@ -65,27 +68,35 @@ class Rule:
     op: object = field(default_factory=Identity)
 
 
-def _expand(rules: Iterable[Rule], n_layer: int, n_experts: int) -> list[tuple[str, list[str], object]]:
+def _counts(cfg: ModelConfig) -> dict[str, int]:
+    """How far each placeholder runs: {i} encoder/decoder-only layers, {j} decoder layers of an
+    encoder-decoder, {e} experts."""
+    return {"i": cfg.n_layer, "j": cfg.n_decoder_layer, "e": cfg.moe.n_experts if cfg.moe else 0}
+
+
+def _expand(rules: Iterable[Rule], cfg: ModelConfig) -> list[tuple[str, list[str], object]]:
+    counts = _counts(cfg)
     out = []
     for rule in rules:
-        layers = range(n_layer) if "{i}" in rule.ours else [None]
-        for i in layers:
-            ours = rule.ours.format(i=i) if i is not None else rule.ours
+        layer_keys = [k for k in ("i", "j") if "{" + k + "}" in rule.ours]
+        indices = [{}] if not layer_keys else [{layer_keys[0]: n} for n in range(counts[layer_keys[0]])]
+        for index in indices:
+            ours = rule.ours.format(**index)
             hf_keys: list[str] = []
             for pattern in rule.hf:
-                experts = range(n_experts) if "{e}" in pattern else [None]
-                hf_keys += [pattern.format(i=i, e=e) for e in experts]
+                experts = range(counts["e"]) if "{e}" in pattern else [None]
+                hf_keys += [pattern.format(**index, e=e) for e in experts]
             out.append((ours, hf_keys, rule.op))
     return out
 
 
-def hf_to_ours(hf_state: Mapping[str, torch.Tensor], rules: Iterable[Rule], n_layer: int, n_experts: int = 0,
+def hf_to_ours(hf_state: Mapping[str, torch.Tensor], rules: Iterable[Rule], cfg: ModelConfig,
                ignore: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
     """Apply the rules to an HF state dict; every HF tensor must be used or explicitly ignored."""
     ours: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     missing: list[str] = []
-    for key, hf_keys, op in _expand(rules, n_layer, n_experts):
+    for key, hf_keys, op in _expand(rules, cfg):
         absent = [k for k in hf_keys if k not in hf_state]
         if absent:
             missing += absent
@@ -102,10 +113,9 @@ def hf_to_ours(hf_state: Mapping[str, torch.Tensor], rules: Iterable[Rule], n_la
     return ours
 
 
-def ours_to_hf(state: Mapping[str, torch.Tensor], rules: Iterable[Rule], n_layer: int,
-               n_experts: int = 0) -> dict[str, torch.Tensor]:
+def ours_to_hf(state: Mapping[str, torch.Tensor], rules: Iterable[Rule], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     hf: dict[str, torch.Tensor] = {}
-    for key, hf_keys, op in _expand(rules, n_layer, n_experts):
+    for key, hf_keys, op in _expand(rules, cfg):
         for hf_key, tensor in zip(hf_keys, op.to_hf(state[key]), strict=True):
             hf[hf_key] = tensor
     return hf

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 
 from lmforge.config import ModelConfig
-from lmforge.models.hf.adapter import TO_HF_ACTIVATION, Adapter, activation_from_hf, require
+from lmforge.models.hf.adapter import TO_HF_ACTIVATION, Adapter, activation_from_hf, plain_decoder, require
 from lmforge.models.hf.convert import Identity, Rule, Transpose
 
 T = Transpose()
@@ -40,7 +40,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         (a.n_kv_head == a.n_head and a.head_dim * a.n_head == cfg.d_model, "GPT-2 has plain multi-head attention"),
         (a.qkv_bias and a.out_bias and m.bias and not m.gated, "GPT-2 has biases everywhere and a plain MLP"),
         (cfg.moe is None and a.sliding_window is None and a.softmax_scale is None, "no MoE / window / custom scale"),
-        (cfg.embed_scale == 1.0 and not cfg.lm_head_bias and cfg.final_norm, "plain embeddings and head"),
+        (plain_decoder(cfg) and cfg.final_norm, "plain embeddings and head"),
     ):
         require(cfg, condition, what, "gpt2")
     return dict(
@@ -68,7 +68,7 @@ def rules(cfg: ModelConfig) -> list[Rule]:
         out.append(Rule(f"blocks.{{i}}.{ours}.weight", (h + theirs + ".weight",), op or Identity()))
         out.append(Rule(f"blocks.{{i}}.{ours}.bias", (h + theirs + ".bias",)))
     if not cfg.tie_embeddings:
-        out.append(Rule("lm_head.weight", ("lm_head.weight",)))
+        out.append(Rule("head.proj.weight", ("lm_head.weight",)))
     return out
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from lmforge.config import ModelConfig
-from lmforge.models.hf.adapter import TO_HF_ACTIVATION, Adapter, activation_from_hf, require
+from lmforge.models.hf.adapter import TO_HF_ACTIVATION, Adapter, activation_from_hf, plain_decoder, require
 from lmforge.models.hf.convert import Concat, Rule, Stack
 
 # model_type -> (HF class, how q/k/v and o biases are set, has sliding window, is MoE)
@@ -100,7 +100,7 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
         (has_window or a.sliding_window is None, "it has no sliding window"),
         (is_moe == (cfg.moe is not None), "MoE is Mixtral's alone"),
         (cfg.moe is None or cfg.moe.normalize_top_k, "Mixtral renormalises its top-k weights"),
-        (cfg.embed_scale == 1.0 and not cfg.lm_head_bias and a.softmax_scale is None, "plain embeddings and head"),
+        (plain_decoder(cfg) and a.softmax_scale is None, "plain embeddings and head"),
     ):
         require(cfg, condition, what, model_type)
     out: dict[str, Any] = dict(
@@ -154,7 +154,7 @@ def rules(cfg: ModelConfig) -> list[Rule]:
             if cfg.mlp.bias:
                 out.append(Rule(f"blocks.{{i}}.mlp.{name}.bias", (layer + f"mlp.{name}_proj.bias",)))
     if not cfg.tie_embeddings:
-        out.append(Rule("lm_head.weight", ("lm_head.weight",)))
+        out.append(Rule("head.proj.weight", ("lm_head.weight",)))
     return out
 
 
