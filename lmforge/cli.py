@@ -62,13 +62,20 @@ def info(model: str, seq_len: int = 16, seed: int = 0) -> None:
     input_ids = torch.randint(0, cfg.vocab_size, (2, seq_len))  # (B, T)
     with torch.no_grad():
         out = net(input_ids, input_ids) if cfg.arch == "encoder_decoder" else net(input_ids)
-    logits = out.logits  # (B, T, V)
-    loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), input_ids[:, 1:].flatten())
+    if out.logits is None:  # a bare encoder: hidden states only
+        print(f"input_ids: {tuple(input_ids.shape)}  hidden: {tuple(out.hidden.shape)}")
+        return
+    logits = out.logits  # (B, T, V) for LM heads, (B, labels) / (B, T, labels) for classifiers
     print(f"input_ids: {tuple(input_ids.shape)}  logits: {tuple(logits.shape)}")
-    print(
-        f"next-token loss on random tokens: {loss.item():.4f} "
-        f"(uniform log(V) = log({cfg.vocab_size}) = {math.log(cfg.vocab_size):.4f})"
-    )
+    if cfg.head == "lm":
+        # next token for decoders and encoder-decoders (fed the same ids), the token itself for an MLM
+        shift = 0 if cfg.arch == "encoder" else 1
+        predicted = logits[:, : logits.shape[1] - shift].flatten(0, 1).float()
+        loss = F.cross_entropy(predicted, input_ids[:, shift:].flatten())
+        print(
+            f"{'token' if shift == 0 else 'next-token'} loss on random tokens: {loss.item():.4f} "
+            f"(uniform log(V) = log({cfg.vocab_size}) = {math.log(cfg.vocab_size):.4f})"
+        )
 
 
 def presets() -> None:

@@ -121,6 +121,7 @@ class ModelConfig:
     dropout: float = 0.0  # residual and embedding dropout
     pad_vocab_multiple: int = 1  # embedding rows rounded up for fast matmuls; logits keep vocab_size
     init_std: float = 0.02
+    init_scheme: str = "normal"  # "normal" (GPT-2: N(0, init_std)) or "fan_in" (T5: N(0, 1/sqrt(fan_in)))
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -145,6 +146,7 @@ class ModelConfig:
         _check_choice("mlp.activation", m.activation, ACTIVATIONS)
         _check_choice("attention.backend", a.backend, ATTN_BACKENDS)
         _check_choice("head", self.head, HEADS)
+        _check_choice("init_scheme", self.init_scheme, ("normal", "fan_in"))
         if self.arch != "encoder" and self.head != "lm":
             raise ValueError(f"head={self.head!r} needs arch='encoder' (got arch={self.arch!r}); "
                              "decoders and encoder-decoders end in an 'lm' head")

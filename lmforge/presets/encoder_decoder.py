@@ -17,7 +17,7 @@ def _t5(d_model: int, n_layer: int, n_decoder_layer: int, n_head: int, d_ff: int
         norm=dict(kind="rms", eps=1e-6),
         mlp=dict(d_ff=d_ff, activation="gelu_tanh" if v11 else "relu", gated=v11, bias=False),
         tie_embeddings=not v11, head_input_scale=1.0 if v11 else d_model**-0.5, dropout=0.1,
-        pad_token_id=0, eos_token_id=1, hf_model_type="t5",
+        pad_token_id=0, eos_token_id=1, hf_model_type="t5", init_scheme="fan_in",
     ) | kw
 
 

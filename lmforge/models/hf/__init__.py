@@ -13,13 +13,14 @@ from torch import nn
 
 from lmforge.config import ModelConfig
 from lmforge.models import model_class
-from lmforge.models.hf import gpt2, llama
+from lmforge.models.hf import bart, bert, gpt2, llama, t5
 from lmforge.models.hf.adapter import Adapter
 from lmforge.models.hf.convert import hf_to_ours, ours_to_hf
 from lmforge.models.hf.gguf import read_gguf
 from lmforge.models.hf.io import read_config, read_weights, write_checkpoint
 
-ADAPTERS: dict[str, Adapter] = {"gpt2": gpt2.ADAPTER, **llama.ADAPTERS}
+ADAPTERS: dict[str, Adapter] = {**bart.ADAPTERS, "bert": bert.ADAPTER, "gpt2": gpt2.ADAPTER, **llama.ADAPTERS,
+                               "t5": t5.ADAPTER}
 
 
 def adapter_for(model_type: str | None) -> Adapter:
@@ -53,6 +54,7 @@ def from_hf_state(hf_config: dict, hf_state: dict[str, torch.Tensor], *, device:
     adapter = adapter_for(hf_config.get("model_type"))
     cfg = adapter.config_from_hf(hf_config)
     hf_state = adapter.canonical(dict(hf_state))
+    cfg = adapter.refine_config(cfg, hf_state.keys())
     if cfg.tie_embeddings:
         hf_state.pop("lm_head.weight", None)  # some tied checkpoints store the shared matrix twice
     state = hf_to_ours(hf_state, adapter.rules(cfg), cfg, ignore=adapter.ignore)

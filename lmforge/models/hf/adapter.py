@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +21,8 @@ class Adapter:
     rules: Callable[[ModelConfig], list[Rule]]
     ignore: tuple[str, ...] = ()  # HF tensor-name suffixes that are buffers, not weights
     canonical: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = lambda state: state
+    # settles what config.json leaves open from the (canonical) tensor names, e.g. BertModel's optional pooler
+    refine_config: Callable[[ModelConfig, Collection[str]], ModelConfig] = lambda cfg, hf_keys: cfg
 
     def architecture_for(self, cfg: ModelConfig) -> str:
         return self.architecture(cfg) if callable(self.architecture) else self.architecture
