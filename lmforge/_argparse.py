@@ -136,12 +136,27 @@ def add_verb(subparsers: argparse._SubParsersAction, name: str, fn: Callable) ->
     return parser
 
 
-def build_parser(verbs: Mapping[str, Callable], prog: str, description: str = "") -> argparse.ArgumentParser:
-    """The top-level parser with one sub-parser per verb, in the order of `verbs`."""
+Verbs = Mapping[str, "Callable | Verbs"]  # a group (e.g. `lmforge data ...`) maps to its own verbs
+
+
+def _add_verbs(subparsers: argparse._SubParsersAction, verbs: Verbs, prefix: str) -> None:
+    for name, entry in verbs.items():
+        if isinstance(entry, Mapping):
+            first = next(iter(entry.values()))
+            doc = inspect.getmodule(first).__doc__ if inspect.getmodule(first) else ""
+            summary = parse_docstring(doc)[0]
+            group = subparsers.add_parser(name, help=summary, description=summary, formatter_class=_HelpFormatter)
+            sub = group.add_subparsers(title="verbs", metavar="VERB", dest=f"_{prefix}{name}", required=True)
+            _add_verbs(sub, entry, f"{prefix}{name} ")
+        else:
+            add_verb(subparsers, name, entry).set_defaults(_verb=f"{prefix}{name}")
+
+
+def build_parser(verbs: Verbs, prog: str, description: str = "") -> argparse.ArgumentParser:
+    """The top-level parser with one sub-parser per verb (or group of verbs), in the order of `verbs`."""
     parser = argparse.ArgumentParser(prog=prog, description=description, formatter_class=_HelpFormatter)
     subparsers = parser.add_subparsers(title="verbs", metavar="VERB", dest="_verb", required=True)
-    for name, fn in verbs.items():
-        add_verb(subparsers, name, fn)
+    _add_verbs(subparsers, verbs, "")
     return parser
 
 
@@ -151,7 +166,7 @@ def call(args: argparse.Namespace) -> object:
     return fn(**{name: getattr(args, name) for name in inspect.signature(fn).parameters})
 
 
-def run(verbs: Mapping[str, Callable], argv: Sequence[str] | None, prog: str, description: str = "") -> int:
+def run(verbs: Verbs, argv: Sequence[str] | None, prog: str, description: str = "") -> int:
     """Parse `argv`, run the chosen verb and return the process exit code.
 
     A verb returning an int returns that code, anything else returns 0. User errors

@@ -174,6 +174,25 @@ def test_run_maps_user_errors_to_exit_code_2(capsys, monkeypatch):
         _argparse.run({"fails": fails}, ["fails", "x"], prog="prog")
 
 
+def test_verb_groups_nest(capsys, monkeypatch):
+    def fetch(name: str, force: bool = False):
+        """Fetch something."""
+        print(f"fetch {name} {force}")
+
+    def fails():
+        """Fails."""
+        raise ValueError("nope")
+
+    verbs = {"toy": toy, "data": {"fetch": fetch, "fails": fails}}
+    assert _argparse.run(verbs, ["data", "fetch", "x", "--force"], prog="prog") == 0
+    assert capsys.readouterr().out.strip() == "fetch x True"
+    monkeypatch.delenv("LMFORGE_DEBUG", raising=False)
+    assert _argparse.run(verbs, ["data", "fails"], prog="prog") == 2
+    assert capsys.readouterr().err.strip() == "prog data fails: error: nope"
+    with pytest.raises(SystemExit):
+        _argparse.run(verbs, ["data"], prog="prog")  # a group alone is a usage error
+
+
 def test_run_returns_int_results_and_zero_otherwise():
     def code(n: int):
         """Return n."""
@@ -183,12 +202,22 @@ def test_run_returns_int_results_and_zero_otherwise():
     assert _argparse.run({"toy": toy}, ["toy", "n", "f"], prog="prog") == 0
 
 
+def _flat(verbs, prefix=()):
+    for name, entry in verbs.items():
+        if isinstance(entry, dict):
+            yield from _flat(entry, (*prefix, name))
+        else:
+            yield (*prefix, name), entry
+
+
 def test_every_verb_builds_a_parser_with_help(capsys):
-    out = _help(_argparse.build_parser(VERBS, prog="lmforge"), ["--help"], capsys)
-    for verb, fn in VERBS.items():
+    parser = _argparse.build_parser(VERBS, prog="lmforge")
+    for path, fn in _flat(VERBS):
         summary, _, params = _argparse.parse_docstring(fn.__doc__)
+        verb = " ".join(path)
         assert summary, f"verb {verb!r} needs a docstring: its first paragraph is the help line"
-        assert verb in out
+        out = _help(parser, [*path[:-1], "--help"], capsys)
+        assert path[-1] in out
         missing = set(inspect.signature(fn).parameters) - set(params)
         assert not missing, f"verb {verb!r}: document {sorted(missing)} in the docstring's Args: section"
 
