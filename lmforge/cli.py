@@ -12,6 +12,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmforge._argparse import run
+from lmforge.data.commands_fetch import fetch_cmd as data_fetch
+from lmforge.data.commands_fetch import list_cmd as data_list
+from lmforge.data.commands_prepare import prepare as data_prepare
+from lmforge.tokenizer.commands import eval_cmd as tokenizer_eval
+from lmforge.tokenizer.commands import train_cmd as tokenizer_train
 
 
 def info(model: str, seq_len: int = 16, seed: int = 0) -> None:
@@ -103,6 +108,8 @@ def presets() -> None:
 VERBS = {
     "info": info,
     "presets": presets,
+    "tokenizer": {"train": tokenizer_train, "eval": tokenizer_eval},
+    "data": {"fetch": data_fetch, "list": data_list, "prepare": data_prepare},
 }
 
 

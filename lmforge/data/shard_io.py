@@ -1,0 +1,173 @@
+"""The on-disk format of token shards: file names, the token dtype, atomic writers and the index.
+
+A prepared folder holds, per split (`train`, `val`):
+- `<split>_00000.bin`, `<split>_00001.bin`, ...: the split's tokens as one flat stream of raw
+  little-endian uint16 (vocabulary <= 65536) or uint32 values, cut into shards of at most
+  `shard_tokens` tokens (a document may continue into the next shard);
+- `<split>_docs.bin`: little-endian uint64 document offsets into that stream, one per document
+  plus the stream's end, so document i is `stream[offsets[i]:offsets[i + 1]]` (its EOS included);
+- `index.json`: format and version, dtype, tokenizer fingerprint, per-file token counts and
+  sha256, corpus counts and the inputs. It is written last, so a folder without it is unfinished.
+Every file is written to `NAME.tmp`, fsynced and renamed, so a crash never leaves a half file
+under a real name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FORMAT = "lmforge-token-shards"
+VERSION = 1
+INDEX = "index.json"
+SPLITS = ("train", "val")
+OFFSET_DTYPE = np.dtype("<u8")
+# every file name prepare writes (and may delete when it rewrites a folder)
+_OWN_FILE = re.compile(r"^(train|val)_(\d{5}|docs)\.bin(\.tmp)?$|^index\.json(\.tmp)?$")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """uint16 when every id (0 .. vocab_size - 1) fits in 16 bits, else uint32; little-endian."""
+    if vocab_size < 1 or vocab_size > 2**32:
+        raise ValueError(f"vocab_size must be in [1, 2**32], got {vocab_size}")
+    return np.dtype("<u2") if vocab_size <= 2**16 else np.dtype("<u4")
+
+
+def shard_name(split: str, i: int) -> str:
+    return f"{split}_{i:05d}.bin"
+
+
+def offsets_name(split: str) -> str:
+    return f"{split}_docs.bin"
+
+
+class AtomicFile:
+    """A file written to `path.tmp`, hashed as it goes, and renamed to `path` on `commit()`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self._f = open(self.tmp, "wb")  # closed in commit() / abort()
+        self._sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._f.write(data)
+        self._sha.update(data)
+        self.size += len(data)
+
+    def commit(self) -> str:
+        """Flush to disk, rename into place; returns the sha256 hex digest of the contents."""
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+        return self._sha.hexdigest()
+
+    def abort(self) -> None:
+        self._f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+class ShardWriter:
+    """Appends one split's tokens to `<split>_00000.bin`, ... of at most `shard_tokens` tokens each,
+    and its document offsets to `<split>_docs.bin`."""
+
+    def __init__(self, folder: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        if shard_tokens < 1:
+            raise ValueError(f"shard_tokens must be at least 1, got {shard_tokens}")
+        self.folder, self.split, self.dtype, self.shard_tokens = Path(folder), split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []  # finished shards: {"file", "n_tokens", "sha256"}
+        self.n_tokens = 0
+        self.n_documents = 0
+        self._shard: AtomicFile | None = None
+        self._offsets = AtomicFile(self.folder / offsets_name(split))
+        self._offsets.write(np.zeros(1, OFFSET_DTYPE).tobytes())  # the first document starts at 0
+
+    def add(self, tokens: np.ndarray, doc_lengths: np.ndarray) -> None:
+        """Append documents: `tokens` is their concatenation, `doc_lengths` their token counts."""
+        assert tokens.dtype == self.dtype and int(doc_lengths.sum()) == len(tokens)
+        ends = self.n_tokens + np.cumsum(doc_lengths, dtype=np.uint64)
+        self._offsets.write(ends.astype(OFFSET_DTYPE).tobytes())
+        self.n_documents += len(doc_lengths)
+        while len(tokens):
+            if self._shard is None:
+                self._shard = AtomicFile(self.folder / shard_name(self.split, len(self.shards)))
+            room = self.shard_tokens - self._shard.size // self.dtype.itemsize
+            self._shard.write(tokens[:room].tobytes())
+            self.n_tokens += min(room, len(tokens))
+            tokens = tokens[room:]
+            if self._shard.size == self.shard_tokens * self.dtype.itemsize:
+                self._finish_shard()
+
+    def _finish_shard(self) -> None:
+        assert self._shard is not None
+        n_tokens = self._shard.size // self.dtype.itemsize
+        self.shards.append({"file": self._shard.path.name, "n_tokens": n_tokens, "sha256": self._shard.commit()})
+        self._shard = None
+
+    def close(self) -> dict[str, Any]:
+        """Finish the files; returns the split's entry of the index."""
+        if self._shard is not None:
+            self._finish_shard()
+        offsets = {"file": self._offsets.path.name, "dtype": "uint64", "sha256": self._offsets.commit()}
+        return {"n_tokens": self.n_tokens, "n_documents": self.n_documents, "shards": self.shards,
+                "documents": offsets}
+
+    def abort(self) -> None:
+        for f in (self._shard, self._offsets):
+            if f is not None:
+                f.abort()
+
+
+def remove_own_files(folder: Path, keep: set[str] = frozenset()) -> None:
+    """Delete the shard, offset and index files a previous `prepare` left in `folder` (nothing else)."""
+    for path in folder.iterdir():
+        if _OWN_FILE.match(path.name) and path.name not in keep:
+            path.unlink()
+
+
+def write_index(folder: Path, index: dict[str, Any]) -> None:
+    f = AtomicFile(folder / INDEX)
+    f.write((json.dumps(index, indent=2) + "\n").encode())
+    f.commit()
+    fd = os.open(folder, os.O_RDONLY)  # make the renames durable too
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_index(folder: Path) -> dict[str, Any]:
+    """The folder's index, checked to be ours and of a version this code reads."""
+    path = Path(folder) / INDEX
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: {folder} holds no finished token shards (missing, or `lmforge data prepare` "
+            "was interrupted); run `lmforge data prepare --tokenizer DIR --out DIR INPUT...`"
+        )
+    try:
+        index = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err}); re-run `lmforge data prepare` into {folder}") from err
+    if not isinstance(index, dict) or index.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a token-shard index (expected format {FORMAT!r}, found "
+                         f"{index.get('format') if isinstance(index, dict) else type(index).__name__!r})")
+    if index.get("version") != VERSION:
+        raise ValueError(f"{path} has format version {index.get('version')!r}, this lmforge reads version "
+                         f"{VERSION}; re-run `lmforge data prepare` into {folder} with this lmforge")
+    return index
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            sha.update(block)
+    return sha.hexdigest()
