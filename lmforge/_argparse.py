@@ -13,7 +13,8 @@ always matches the code:
   `TypeError` when the parser is built, not when a user runs the verb.
 
 `run(verbs, argv)` parses, calls the verb and turns user errors (`ValueError`,
-`TypeError`, `FileNotFoundError`) into `PROG VERB: error: message` and exit code 2.
+`TypeError`, `FileNotFoundError`) into `PROG VERB: error: message` and exit code 2, and an
+error with an `exit_code` attribute into the same message and that code.
 `LMFORGE_DEBUG=1` re-raises them with the traceback instead.
 """
 
@@ -175,11 +176,13 @@ def run(verbs: Verbs, argv: Sequence[str] | None, prog: str, description: str = 
     args = build_parser(verbs, prog, description).parse_args(argv)
     try:
         result = call(args)
-    except USER_ERRORS as err:
-        if os.environ.get("LMFORGE_DEBUG", "") not in ("", "0"):
+    except Exception as err:
+        # usage errors exit 2; an error class may carry its own `exit_code` (e.g. 1: unreachable registry)
+        code = 2 if isinstance(err, USER_ERRORS) else getattr(err, "exit_code", None)
+        if code is None or os.environ.get("LMFORGE_DEBUG", "") not in ("", "0"):
             raise
         print(f"{prog} {args._verb}: error: {err}", file=sys.stderr)
-        return 2
+        return code
     except BrokenPipeError:  # output piped into e.g. `head`, which exited early
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 1

@@ -15,8 +15,8 @@ from lmforge._argparse import run
 from lmforge.data.commands_fetch import fetch_cmd as data_fetch
 from lmforge.data.commands_fetch import list_cmd as data_list
 from lmforge.data.commands_prepare import prepare as data_prepare
-from lmforge.tokenizer.commands import eval_cmd as tokenizer_eval
-from lmforge.tokenizer.commands import train_cmd as tokenizer_train
+from lmforge.data.commands_tokenizer import eval_cmd as tokenizer_eval
+from lmforge.data.commands_tokenizer import train_cmd as tokenizer_train
 
 
 def info(model: str, seq_len: int = 16, seed: int = 0) -> None:

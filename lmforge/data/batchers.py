@@ -83,21 +83,6 @@ def check_fraction(name: str, value: float, hint: str) -> None:
         raise ValueError(f"{name}={value!r} must lie strictly between 0 and 1; {hint}")
 
 
-def document_causal_mask(document_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T) document ids -> (B, 1, T, T) bool, True where query i may attend key j.
-
-    Key j is visible from query i when j <= i and both lie in the same document: the
-    block-diagonal causal mask of packed training (Llama 3 report, Dubey et al. 2024 §3.2:
-    "an attention mask that prevents self-attention between different documents").
-    Turn it into an additive bias with `torch.where(mask, 0.0, torch.finfo(dtype).min)`, or
-    pass it as a boolean `attn_mask` to `torch.nn.functional.scaled_dot_product_attention`.
-    """
-    T = document_ids.shape[-1]
-    causal = torch.ones(T, T, dtype=torch.bool, device=document_ids.device).tril()
-    same = document_ids[:, :, None] == document_ids[:, None, :]  # (B, T, T)
-    return (same & causal)[:, None]
-
-
 @dataclass(frozen=True)
 class CausalLM:
     """Next-token prediction on packed windows of the token stream (GPT; Radford et al. 2019).
@@ -109,10 +94,10 @@ class CausalLM:
     With `document_attention=True` the batch also holds `positions` and `document_ids` (B, T).
     A document starts at each EOS in input_ids: the EOS that ends one document opens the next
     (GPT-2's <|endoftext|> plays both roles), so the label of every position is predicted from
-    tokens of its own document only. The consumer must
-      - pass `positions` to the model (RoPE / learned positions restart at 0 in each document), and
-      - attend with `document_causal_mask(document_ids)` (block-diagonal causal) instead of the
-        plain causal mask; without it attention still crosses document boundaries.
+    tokens of its own document only. The consumer passes both to the model,
+    `model(input_ids, positions=positions, document_ids=document_ids)`: positions restart at 0 in
+    each document and attention becomes block-diagonal causal ("an attention mask that prevents
+    self-attention between different documents", Llama 3 report, Dubey et al. 2024 §3.2).
     Samples of different lengths (whole documents) are right-padded with `pad_id`, labels -100.
     """
 

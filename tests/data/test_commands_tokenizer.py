@@ -9,6 +9,13 @@ from lmforge.tokenizer import Tokenizer
 
 
 @pytest.fixture()
+def corpus() -> list[str]:
+    from tests.tokenizer.conftest import CORPUS
+
+    return list(CORPUS)
+
+
+@pytest.fixture()
 def texts(tmp_path, corpus):
     folder = tmp_path / "texts"
     (folder / "sub").mkdir(parents=True)
@@ -50,8 +57,8 @@ def test_wordpiece_lowercase_from_the_command_line(texts, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["train", "missing.txt", "--out", "x"], "input 'missing.txt' is not a file, folder or glob"),
-        (["train", "nothing*.txt", "--out", "x"], "glob 'nothing\\*.txt' matches no files"),
+        (["train", "missing.txt", "--out", "x"], "missing.txt"),
+        (["train", "nothing*.txt", "--out", "x"], "the pattern 'nothing\\*.txt' matches no file"),
         (["train", "{texts}"], "--out DIR is required"),
         (["train", "{texts}", "--vocab-size", "100", "--out", "x"], "at least 261"),
         (["train", "{texts}", "--kind", "wordpiece", "--vocab-size", "20", "--out", "x"], "too small for the alphabet"),
@@ -73,3 +80,15 @@ def test_unknown_kind_is_a_usage_error(texts, capsys):
         main(["tokenizer", "train", str(texts), "--kind", "sentencepiece", "--out", "x"])
     assert info.value.code == 2
     assert "invalid choice: 'sentencepiece'" in capsys.readouterr().err
+
+
+def test_train_on_a_named_corpus(tmp_path, monkeypatch, capsys):
+    """A corpus name is fetched on first use (python-code needs no network) and read record by record."""
+    monkeypatch.setenv("LMFORGE_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "tok"
+    assert main(["tokenizer", "train", "python-code", "--vocab-size", "300", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "trained bpe tokenizer: 300 tokens" in printed
+    tok = Tokenizer.load(out)
+    code = "def main():\n    return 0\n"
+    assert tok.decode(tok.encode(code)) == code

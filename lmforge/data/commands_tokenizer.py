@@ -1,28 +1,32 @@
-"""Train tokenizers (byte-level BPE, WordPiece, Unigram) and measure them on text."""
+"""Train tokenizers (byte-level BPE, WordPiece, Unigram) and measure them on text.
+
+The verbs live in the data stage because they read the same inputs as `lmforge data prepare`:
+fetched corpus names, text files, folders, globs, JSONL and Parquet.
+"""
 
 from __future__ import annotations
 
-import glob
+import itertools
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
+from lmforge.data.corpora import iter_documents
 from lmforge.tokenizer.stats import tokenizer_stats
 from lmforge.tokenizer.tokenizer import Tokenizer
-
-TEXT_SUFFIXES = (".txt", ".text", ".md", ".rst", ".py")
 
 
 def train_cmd(inputs: list[str], kind: Literal["bpe", "wordpiece", "unigram"] = "bpe", vocab_size: int = 8192,
               out: Path | None = None, lowercase: bool = False, sentinels: int = 0, chat_roles: bool = True) -> None:
-    """Train a tokenizer on text files and save it as a Hugging Face tokenizer folder.
+    """Train a tokenizer on documents and save it as a Hugging Face tokenizer folder.
 
-    Each file is one document. The folder loads with `lmforge.tokenizer.Tokenizer.load(DIR)` and
-    with `transformers.AutoTokenizer.from_pretrained(DIR)`, which give the same ids.
+    Text files are one document each; JSONL and Parquet records and fetched corpora one per record.
+    The folder loads with `lmforge.tokenizer.Tokenizer.load(DIR)` and with
+    `transformers.AutoTokenizer.from_pretrained(DIR)`, which give the same ids.
 
     Args:
-        inputs: text files, folders (their .txt/.text/.md/.rst/.py files, recursively) or globs.
+        inputs: fetched corpus names (see `lmforge data list`), text files, folders, globs, .jsonl or .parquet.
         kind: bpe (byte-level, GPT-2/Llama-3 style), wordpiece (BERT) or unigram (SentencePiece/T5).
         vocab_size: size of the vocabulary, special tokens included.
         out: folder to write the tokenizer to (required).
@@ -34,8 +38,7 @@ def train_cmd(inputs: list[str], kind: Literal["bpe", "wordpiece", "unigram"] = 
 
     if out is None:
         raise ValueError("--out DIR is required: the folder to write the tokenizer to")
-    files = expand_inputs(inputs)
-    counted = _Counted(read_documents(files))
+    counted = _Counted(read_documents(inputs))
     start = time.perf_counter()
     tokenizer = train_tokenizer(kind, counted, vocab_size, lowercase=lowercase, n_sentinels=sentinels,
                                 chat_roles=chat_roles)
@@ -54,13 +57,12 @@ def eval_cmd(tokenizer: str, texts: list[str], top: int = 10) -> None:
 
     Args:
         tokenizer: tokenizer folder (lmforge or Hugging Face) or .gguf file.
-        texts: text files, folders (their .txt/.text/.md/.rst/.py files, recursively) or globs.
+        texts: fetched corpus names, text files, folders, globs, .jsonl or .parquet files.
         top: how many of the longest tokens seen to list.
     """
     tok = Tokenizer.load(tokenizer)
-    files = expand_inputs(texts)
     start = time.perf_counter()
-    stats = tokenizer_stats(tok, read_documents(files), n_longest=top)
+    stats = tokenizer_stats(tok, read_documents(texts), n_longest=top)
     seconds = time.perf_counter() - start
     rows = [
         ("tokenizer", f"{tokenizer} ({stats['vocab_size']} tokens)"),
@@ -79,35 +81,9 @@ def eval_cmd(tokenizer: str, texts: list[str], top: int = 10) -> None:
         print(f"  {n_bytes:3d} B  {text!r}")
 
 
-def expand_inputs(inputs: Iterable[str]) -> list[Path]:
-    """Files named by `inputs`: files as given, folders searched recursively, globs expanded."""
-    files: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_file():
-            files.append(path)
-        elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"folder {item} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-            files += found
-        elif any(c in item for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            if not found:
-                raise FileNotFoundError(f"glob {item!r} matches no files")
-            files += found
-        else:
-            raise FileNotFoundError(
-                f"input {item!r} is not a file, folder or glob; for a named corpus, run `lmforge data fetch NAME` "
-                "and pass the folder it prints"
-            )
-    return files
-
-
-def read_documents(files: Iterable[Path]) -> Iterator[str]:
-    """Each file's text as one document (undecodable bytes replaced)."""
-    for path in files:
-        yield path.read_text(encoding="utf-8", errors="replace")
+def read_documents(inputs: Iterable[str]) -> Iterator[str]:
+    """Every document of every input, streamed."""
+    return itertools.chain.from_iterable(iter_documents(spec) for spec in inputs)
 
 
 class _Counted:
