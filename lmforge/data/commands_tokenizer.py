@@ -18,7 +18,8 @@ from lmforge.tokenizer.tokenizer import Tokenizer
 
 
 def train_cmd(inputs: list[str], kind: Literal["bpe", "wordpiece", "unigram"] = "bpe", vocab_size: int = 8192,
-              out: Path | None = None, lowercase: bool = False, sentinels: int = 0, chat_roles: bool = True) -> None:
+              out: Path | None = None, lowercase: bool = False, sentinels: int = 0, chat_roles: bool = True,
+              special: list[str] | None = None) -> None:
     """Train a tokenizer on documents and save it as a Hugging Face tokenizer folder.
 
     Text files are one document each; JSONL and Parquet records and fetched corpora one per record.
@@ -33,15 +34,18 @@ def train_cmd(inputs: list[str], kind: Literal["bpe", "wordpiece", "unigram"] = 
         lowercase: lowercase and strip accents before tokenizing (wordpiece only, like BERT uncased).
         sentinels: number of T5 sentinel tokens <extra_id_0>, ... to append at the end of the vocabulary.
         chat_roles: add the ChatML markers <|im_start|> / <|im_end|> and store the ChatML chat template.
+        special: special tokens as ROLE=TOKEN (roles bos, eos, pad, unk, mask), e.g. eos='</s>';
+            ROLE= drops that role's default token.
     """
     from lmforge.tokenizer.train import train_tokenizer
 
     if out is None:
         raise ValueError("--out DIR is required: the folder to write the tokenizer to")
+    specials = parse_specials(special or [])
     counted = _Counted(read_documents(inputs))
     start = time.perf_counter()
     tokenizer = train_tokenizer(kind, counted, vocab_size, lowercase=lowercase, n_sentinels=sentinels,
-                                chat_roles=chat_roles)
+                                chat_roles=chat_roles, special_tokens=specials)
     seconds = time.perf_counter() - start
     tokenizer.save(out)
     mb = counted.n_bytes / 1e6
@@ -79,6 +83,17 @@ def eval_cmd(tokenizer: str, texts: list[str], top: int = 10) -> None:
     print("longest tokens:")
     for text, n_bytes in stats["longest_tokens"]:
         print(f"  {n_bytes:3d} B  {text!r}")
+
+
+def parse_specials(entries: list[str]) -> dict[str, str | None]:
+    """["eos=</s>", "bos="] -> {"eos": "</s>", "bos": None}."""
+    out: dict[str, str | None] = {}
+    for entry in entries:
+        role, sep, token = entry.partition("=")
+        if not sep or not role:
+            raise ValueError(f"--special {entry!r} must look like ROLE=TOKEN, e.g. eos='</s>' (or ROLE= to drop it)")
+        out[role] = token or None
+    return out
 
 
 def read_documents(inputs: Iterable[str]) -> Iterator[str]:

@@ -92,3 +92,16 @@ def test_train_on_a_named_corpus(tmp_path, monkeypatch, capsys):
     tok = Tokenizer.load(out)
     code = "def main():\n    return 0\n"
     assert tok.decode(tok.encode(code)) == code
+
+
+def test_special_tokens_from_the_command_line(texts, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "tok"
+    argv = ["tokenizer", "train", str(texts), "--vocab-size", "300", "--out", str(out),
+            "--special", "eos=</s>", "bos=", "mask=<mask>"]
+    assert main(argv) == 0
+    tok = Tokenizer.load(out)
+    assert tok.specials["eos"] == "</s>" and tok.specials["mask"] == "<mask>" and "bos" not in tok.specials
+    assert tok.encode("a </s> b").count(tok.eos_id) == 1, "special tokens are never split"
+    monkeypatch.delenv("LMFORGE_DEBUG", raising=False)
+    assert main([*argv[:-4], "--special", "eos"]) == 2
+    assert "must look like ROLE=TOKEN" in capsys.readouterr().err
