@@ -167,13 +167,24 @@ def call(args: argparse.Namespace) -> object:
     return fn(**{name: getattr(args, name) for name in inspect.signature(fn).parameters})
 
 
+_DOTTED = re.compile(r"^--[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
+
+
+def _gather_overrides(argv: Sequence[str] | None) -> list[str]:
+    """`--section.key=value` arguments become values of the verb's `overrides: list[str]` parameter."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    dotted = [a[2:] for a in argv if _DOTTED.match(a)]
+    rest = [a for a in argv if not _DOTTED.match(a)]
+    return [*rest, "--overrides", *dotted] if dotted else rest
+
+
 def run(verbs: Verbs, argv: Sequence[str] | None, prog: str, description: str = "") -> int:
     """Parse `argv`, run the chosen verb and return the process exit code.
 
     A verb returning an int returns that code, anything else returns 0. User errors
     become one line on stderr and exit code 2 (argparse's own code for bad usage).
     """
-    args = build_parser(verbs, prog, description).parse_args(argv)
+    args = build_parser(verbs, prog, description).parse_args(_gather_overrides(argv))
     try:
         result = call(args)
     except Exception as err:

@@ -17,6 +17,7 @@ from lmforge.data.commands_fetch import list_cmd as data_list
 from lmforge.data.commands_prepare import prepare as data_prepare
 from lmforge.data.commands_tokenizer import eval_cmd as tokenizer_eval
 from lmforge.data.commands_tokenizer import train_cmd as tokenizer_train
+from lmforge.train.commands import export_cmd, train_cmd
 
 
 def info(model: str, seq_len: int = 16, seed: int = 0) -> None:
@@ -109,6 +110,8 @@ VERBS = {
     "info": info,
     "presets": presets,
     "tokenizer": {"train": tokenizer_train, "eval": tokenizer_eval},
+    "train": train_cmd,
+    "export": export_cmd,
     "data": {"fetch": data_fetch, "list": data_list, "prepare": data_prepare},
 }
 

@@ -1,7 +1,9 @@
 """Deterministic, resumable, rank-sharded batches from a token stream.
 
 The stream is cut into windows (`batcher.window(seq_len)` gives their length and stride), or,
-with `by_document=True`, its documents are the items (each cut to the window length). Every
+with `by_document=True`, its documents are the items (each cut to the window length). With a
+pair batcher (`Seq2SeqPairs`, `SequenceClassification`: no `window`) the items are the
+source's examples (`lmforge.data.pair_shards.PairShards.example`), whole. Every
 epoch shuffles the items with a generator seeded by (seed, epoch); rank r takes items r,
 r + world_size, r + 2 world_size, ... of that order, the tail that does not fill a batch on every
 rank is dropped, so all ranks run the same number of steps on disjoint items.
@@ -14,12 +16,15 @@ run would have produced.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 
 from lmforge.data.batchers import StreamBatcher
+
+PairBatcher = Callable[[list[Any]], dict[str, torch.Tensor]]  # Seq2SeqPairs, SequenceClassification
 
 _SHUFFLE, _BATCH = 0, 1  # generator purposes; seed keys have a fixed length so they never collide
 
@@ -32,6 +37,7 @@ class TokenSource(Protocol):
     def tokens(self, start: int, length: int) -> np.ndarray: ...
 
     # for by_document=True:  n_documents: int  and  document(i) -> np.ndarray
+    # for a pair batcher:    n_documents: int  and  example(i) -> (ids, target ids or label id)
 
 
 class ShardLoader:
@@ -39,10 +45,12 @@ class ShardLoader:
 
     Args:
         source: the token stream (`n_tokens`, `tokens(start, length)`; with by_document, also
-            `n_documents` and `document(i)`).
-        batcher: a stream batcher (`CausalLM`, `MaskedLM`, `SpanCorruption`, `Denoising`).
+            `n_documents` and `document(i)`), or pairs (`n_documents`, `example(i)`: `PairShards`).
+        batcher: a stream batcher (`CausalLM`, `MaskedLM`, `SpanCorruption`, `Denoising`), or a
+            pair batcher (`Seq2SeqPairs`, `SequenceClassification`) for a source of pairs.
         batch_size: samples per batch on this rank.
-        seq_len: model sequence length; the batcher turns it into a window length.
+        seq_len: model sequence length; the batcher turns it into a window length. None with a
+            pair batcher, which cuts examples to its own max lengths.
         seed: seeds the per-epoch shuffle and the batcher's randomness.
         rank, world_size: this process's share of the data in a distributed run.
         shuffle: shuffle items every epoch (False: stream order, e.g. for validation).
@@ -52,9 +60,9 @@ class ShardLoader:
     def __init__(
         self,
         source: TokenSource,
-        batcher: StreamBatcher,
+        batcher: StreamBatcher | PairBatcher,
         batch_size: int,
-        seq_len: int,
+        seq_len: int | None,
         *,
         seed: int,
         rank: int = 0,
@@ -69,8 +77,18 @@ class ShardLoader:
         self.source, self.batcher = source, batcher
         self.batch_size, self.seq_len, self.seed = batch_size, seq_len, seed
         self.rank, self.world_size, self.shuffle, self.by_document = rank, world_size, shuffle, by_document
-        self.length, self.stride = batcher.window(seq_len)
-        if by_document:
+        self.pairs = not hasattr(batcher, "window")
+        if self.pairs:
+            name = type(batcher).__name__
+            if seq_len is not None:
+                raise ValueError(f"seq_len={seq_len} does not apply to the pair batcher {name}, which cuts examples "
+                                 "to its own max lengths (max_source_len, max_len); pass seq_len=None")
+            if not hasattr(source, "example"):
+                raise ValueError(f"the pair batcher {name} needs a source of pairs with example(i) "
+                                 f"(lmforge.data.pair_shards.PairShards), got {type(source).__name__}")
+        else:
+            self.length, self.stride = batcher.window(seq_len)
+        if by_document or self.pairs:
             self.n_items = int(source.n_documents)
             if self.n_items == 0:
                 raise ValueError("the source has no documents; prepare data first (lmforge data prepare)")
@@ -84,8 +102,9 @@ class ShardLoader:
         self.steps_per_epoch = self.n_items // world_size // batch_size
         if self.steps_per_epoch == 0:
             raise ValueError(
-                f"{self.n_items} {'documents' if by_document else 'windows'} give no full batch of {batch_size} "
-                f"on each of {world_size} ranks; lower batch_size or seq_len, or prepare more data"
+                f"{self.n_items} {'pairs' if self.pairs else 'documents' if by_document else 'windows'} give no "
+                f"full batch of {batch_size} on each of {world_size} ranks; lower batch_size or seq_len, or "
+                "prepare more data"
             )
         self.epoch, self.step = 0, 0  # position of the NEXT batch
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, item order), cached
@@ -112,6 +131,8 @@ class ShardLoader:
 
     def batch(self, epoch: int, step: int) -> dict[str, torch.Tensor]:
         """The batch at a position, without moving the loader."""
+        if self.pairs:  # pair batchers make no random choice
+            return self.batcher([self.source.example(int(i)) for i in self.indices(epoch, step)])
         rng = np.random.default_rng([self.seed, _BATCH, epoch, step, self.rank])
         return self.batcher([self.sample(i) for i in self.indices(epoch, step)], rng)
 

@@ -6,8 +6,14 @@ A prepared folder holds, per split (`train`, `val`):
   `shard_tokens` tokens (a document may continue into the next shard);
 - `<split>_docs.bin`: little-endian uint64 document offsets into that stream, one per document
   plus the stream's end, so document i is `stream[offsets[i]:offsets[i + 1]]` (its EOS included);
-- `index.json`: format and version, dtype, tokenizer fingerprint, per-file token counts and
+- `index.json`: format and version, kind, dtype, tokenizer fingerprint, per-file token counts and
   sha256, corpus counts and the inputs. It is written last, so a folder without it is unfinished.
+
+A folder of pairs (`kind` "seq2seq" or "classification", see `pair_shards`) has the same files
+under other split names: `train.source` / `train.target` hold the two sides of each pair as
+aligned documents (document i of one is the partner of document i of the other); a
+classification split adds `<split>_labels.bin`, one little-endian int64 label id per document,
+and the index lists the label names (`labels`, id = position).
 Every file is written to `NAME.tmp`, fsynced and renamed, so a crash never leaves a half file
 under a real name.
 """
@@ -18,6 +24,7 @@ import hashlib
 import json
 import os
 import re
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +35,9 @@ VERSION = 1
 INDEX = "index.json"
 SPLITS = ("train", "val")
 OFFSET_DTYPE = np.dtype("<u8")
+LABEL_DTYPE = np.dtype("<i8")
 # every file name prepare writes (and may delete when it rewrites a folder)
-_OWN_FILE = re.compile(r"^(train|val)_(\d{5}|docs)\.bin(\.tmp)?$|^index\.json(\.tmp)?$")
+_OWN_FILE = re.compile(r"^(train|val)(\.source|\.target)?_(\d{5}|docs|labels)\.bin(\.tmp)?$|^index\.json(\.tmp)?$")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -124,6 +132,72 @@ class ShardWriter:
         for f in (self._shard, self._offsets):
             if f is not None:
                 f.abort()
+
+
+class ShardFolder:
+    """One prepare run into `out`: a `ShardWriter` per split name, small extra arrays, the index last.
+
+    Use it as a context manager: an exception inside aborts every unfinished file, so the folder
+    has no index and reads as unfinished. `finish` removes the files of an earlier prepare that
+    this one did not write, then writes index.json.
+    """
+
+    def __init__(self, out: Path, names: Iterable[str], dtype: np.dtype, shard_tokens: int) -> None:
+        self.out = Path(out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / INDEX).unlink(missing_ok=True)  # the folder is unfinished until the new index is written
+        self.dtype = dtype
+        self.writers = {name: ShardWriter(self.out, name, dtype, shard_tokens) for name in names}
+        self._files: list[AtomicFile] = []
+
+    def __enter__(self) -> ShardFolder:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            for writer in self.writers.values():
+                writer.abort()
+            for f in self._files:
+                f.abort()
+
+    def close_splits(self) -> dict[str, dict[str, Any]]:
+        """Finish every split's files; returns the index entry of each."""
+        return {name: writer.close() for name, writer in self.writers.items()}
+
+    def write_array(self, name: str, array: np.ndarray) -> dict[str, Any]:
+        """Write `array`'s raw bytes as file `name`; returns its index entry {"file", "dtype", "sha256"}."""
+        f = AtomicFile(self.out / name)
+        self._files.append(f)
+        f.write(array.tobytes())
+        return {"file": name, "dtype": array.dtype.name, "sha256": f.commit()}
+
+    def finish(self, index: dict[str, Any]) -> Path:
+        """Write index.json (format and version added) over `index`, whose "splits" list every file."""
+        keep = set()
+        for entry in index["splits"].values():
+            keep |= {s["file"] for s in entry["shards"]} | {entry["documents"]["file"]}
+            keep |= {entry["labels"]["file"]} if "labels" in entry else set()
+        remove_own_files(self.out, keep)
+        write_index(self.out, {"format": FORMAT, "version": VERSION, **index})
+        return self.out
+
+
+def open_array(path: Path, n: int, dtype: np.dtype, sha256: str, verify: bool, fix: str) -> np.ndarray:
+    """File `path` as a read-only memmap of `n` values, after checking its size and (`verify`) sha256.
+
+    Raises FileNotFoundError / ValueError naming the file, what the index expects, what was found,
+    and `fix` (how to rebuild).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing (listed in {path.parent / INDEX}); {fix}")
+    expected, size = n * dtype.itemsize, path.stat().st_size
+    if size != expected:
+        raise ValueError(f"{path} is {size} bytes, expected {expected} ({n} values of {dtype.name}): the file "
+                         f"is truncated or was overwritten; {fix}")
+    if verify and (found := sha256_file(path)) != sha256:
+        raise ValueError(f"{path} has sha256 {found}, expected {sha256} ({INDEX}): the file is corrupted "
+                         f"or was changed; {fix}")
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
 
 
 def remove_own_files(folder: Path, keep: set[str] = frozenset()) -> None:

@@ -5,34 +5,25 @@ digests used to drop duplicates, and nothing else), tokenizes each batch with th
 (which spreads a batch over all cores), appends EOS after every document and writes the splits
 with the format of `shard_io`. Train/val membership is a function of the document text alone, so
 it does not depend on input order or batch size, and the same inputs give byte-identical files.
+`pair_shards` builds seq2seq and classification pairs from the same pieces.
 """
 
 from __future__ import annotations
 
 import hashlib
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from itertools import chain
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from lmforge.data.shard_io import (
-    FORMAT,
-    OFFSET_DTYPE,
-    SPLITS,
-    VERSION,
-    ShardWriter,
-    read_index,
-    remove_own_files,
-    sha256_file,
-    token_dtype,
-    write_index,
-)
+from lmforge.data.shard_io import OFFSET_DTYPE, SPLITS, ShardFolder, open_array, read_index, token_dtype
 from lmforge.tokenizer import Tokenizer
 
+T = TypeVar("T")
 DEFAULT_SHARD_TOKENS = 2**24  # 32 MiB per uint16 shard: few files, each cheap to checksum
 SPLIT_RULE = ("blake2b-128 of the UTF-8 text salted with the seed; duplicates share it and are dropped; "
               "a document is in val when its first 8 digest bytes (little-endian) / 2**64 < val_fraction")
@@ -67,22 +58,13 @@ def prepare_documents(docs: Iterable[str], tokenizer: Tokenizer, out: str | Path
     Returns:
         `out`, now holding the shards and `index.json`.
     """
-    if not 0.0 <= val_fraction <= 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
-    if seed < 0 or seed >= 2**128:
-        raise ValueError(f"seed must be in [0, 2**128), got {seed}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "index.json").unlink(missing_ok=True)  # the folder is unfinished until the new index is written
+    check_settings(val_fraction, seed)
     dtype = token_dtype(tokenizer.vocab_size)
     eos = tokenizer.eos_id
-    writers = {split: ShardWriter(out, split, dtype, shard_tokens) for split in SPLITS}
     seen: set[bytes] = set()
     counts = {"documents_seen": 0, "bytes_read": 0, "duplicates_removed": 0, "empty_removed": 0}
-    show = sys.stderr.isatty() if progress is None else progress
-    bar = tqdm(desc=f"prepare {out.name}", unit=" docs", disable=not show, dynamic_ncols=True)
-    try:
-        for batch in _batches(docs, batch_docs, batch_chars):
+    with ShardFolder(Path(out), SPLITS, dtype, shard_tokens) as folder, progress_bar(out, progress) as bar:
+        for batch in batches(docs, batch_docs, batch_chars, len):
             texts, val = [], []
             for text in batch:
                 data = text.encode("utf-8", "surrogatepass")
@@ -101,29 +83,13 @@ def prepare_documents(docs: Iterable[str], tokenizer: Tokenizer, out: str | Path
             for split, want_val in (("train", False), ("val", True)):
                 chosen = [x for x, v in zip(ids, val) if v == want_val]
                 if chosen:
-                    writers[split].add(*_pack(chosen, eos, dtype))
+                    folder.writers[split].add(*pack(chosen, eos, dtype))
             bar.update(len(batch))
-        splits = {split: writer.close() for split, writer in writers.items()}
-    except BaseException:
-        for writer in writers.values():
-            writer.abort()
-        raise
-    finally:
-        bar.close()
-    written = {s["file"] for entry in splits.values() for s in entry["shards"]}
-    remove_own_files(out, keep=written | {entry["documents"]["file"] for entry in splits.values()})
-    index = {
-        "format": FORMAT,
-        "version": VERSION,
-        "dtype": dtype.name,
-        "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size, "eos_id": eos},
-        "inputs": inputs,
-        "settings": {"val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens, "split": SPLIT_RULE},
-        "counts": {**counts, "documents_kept": sum(e["n_documents"] for e in splits.values())},
-        "splits": splits,
-    }
-    write_index(out, index)
-    return out
+        splits = folder.close_splits()
+        kept = sum(e["n_documents"] for e in splits.values())
+        settings = {"val_fraction": val_fraction, "seed": seed, "shard_tokens": shard_tokens, "split": SPLIT_RULE}
+        return folder.finish(index_fields("documents", tokenizer, dtype, inputs, settings,
+                                          {**counts, "documents_kept": kept}, splits))
 
 
 def prepare(inputs: list[str], tokenizer: Tokenizer, out: str | Path, val_fraction: float = 0.01,
@@ -148,20 +114,48 @@ def prepare(inputs: list[str], tokenizer: Tokenizer, out: str | Path, val_fracti
                              seed=seed, inputs=description, progress=progress)
 
 
-def _batches(docs: Iterable[str], batch_docs: int, batch_chars: int) -> Iterator[list[str]]:
-    batch: list[str] = []
+def check_settings(val_fraction: float, seed: int) -> None:
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must be in [0, 1], got {val_fraction}")
+    if seed < 0 or seed >= 2**128:
+        raise ValueError(f"seed must be in [0, 2**128), got {seed}")
+
+
+def progress_bar(out: str | Path, progress: bool | None, unit: str = " docs") -> tqdm:
+    show = sys.stderr.isatty() if progress is None else progress
+    return tqdm(desc=f"prepare {Path(out).name}", unit=unit, disable=not show, dynamic_ncols=True)
+
+
+def index_fields(kind: str, tokenizer: Tokenizer, dtype: np.dtype, inputs: Any, settings: dict[str, Any],
+                 counts: dict[str, int], splits: dict[str, Any]) -> dict[str, Any]:
+    """The index of a prepared folder, less format and version (`ShardFolder.finish` adds them)."""
+    return {
+        "kind": kind,
+        "dtype": dtype.name,
+        "tokenizer": {"fingerprint": tokenizer.fingerprint, "vocab_size": tokenizer.vocab_size,
+                      "eos_id": tokenizer.eos_id},
+        "inputs": inputs,
+        "settings": settings,
+        "counts": counts,
+        "splits": splits,
+    }
+
+
+def batches(items: Iterable[T], batch_items: int, batch_chars: int, size: Callable[[T], int]) -> Iterator[list[T]]:
+    """Consecutive lists of `items`, each ending once it holds `batch_items` items or `batch_chars` of `size`."""
+    batch: list[T] = []
     chars = 0
-    for text in docs:
-        batch.append(text)
-        chars += len(text)
-        if len(batch) >= batch_docs or chars >= batch_chars:
+    for item in items:
+        batch.append(item)
+        chars += size(item)
+        if len(batch) >= batch_items or chars >= batch_chars:
             yield batch
             batch, chars = [], 0
     if batch:
         yield batch
 
 
-def _pack(ids: list[list[int]], eos: int | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def pack(ids: list[list[int]], eos: int | None, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """Concatenate documents' ids (each followed by EOS) -> (tokens, per-document lengths)."""
     if eos is not None:
         for x in ids:
@@ -191,9 +185,13 @@ class TokenShards:
         self.index = index = read_index(self.folder)
         entry = index["splits"].get(split)
         if entry is None:
-            raise ValueError(f"{self.folder} has no split {split!r}; it has {sorted(index['splits'])}")
+            kind = index.get("kind", "documents")
+            hint = f" (it holds {kind} pairs: read them with lmforge.data.pair_shards.PairShards)"
+            raise ValueError(f"{self.folder} has no split {split!r}; it has {sorted(index['splits'])}"
+                             f"{hint if kind != 'documents' else ''}")
         if index["dtype"] not in ("uint16", "uint32"):
-            raise ValueError(f"{self.folder / 'index.json'}: unknown token dtype {index['dtype']!r}; {self._fix}")
+            raise ValueError(f"{self.folder / 'index.json'}: unknown token dtype {index['dtype']!r}; "
+                             f"{self.rebuild_hint}")
         self.dtype = np.dtype(index["dtype"]).newbyteorder("<")
         self.vocab_size: int = index["tokenizer"]["vocab_size"]
         self.eos_id: int | None = index["tokenizer"]["eos_id"]
@@ -202,7 +200,8 @@ class TokenShards:
             raise ValueError(
                 f"{self.folder} was prepared with another tokenizer: expected fingerprint {self.fingerprint[:16]}... "
                 f"(vocab {self.vocab_size}), the given tokenizer has {tokenizer.fingerprint[:16]}... (vocab "
-                f"{tokenizer.vocab_size}); pass the tokenizer the shards were made with, or {self._fix} with this one"
+                f"{tokenizer.vocab_size}); pass the tokenizer the shards were made with, or {self.rebuild_hint} "
+                "with this one"
             )
         self.n_tokens: int = entry["n_tokens"]
         self.n_documents: int = entry["n_documents"]
@@ -214,29 +213,20 @@ class TokenShards:
         if found != (self.n_tokens, 0, self.n_tokens) or (verify and np.any(self.documents[1:] < self.documents[:-1])):
             raise ValueError(f"{self.folder} split {split!r}: the index says {self.n_tokens} tokens but shards "
                              f"and document offsets disagree (shards {found[0]}, offsets {found[1]}..{found[2]}, "
-                             f"or offsets not increasing); {self._fix}")
+                             f"or offsets not increasing); {self.rebuild_hint}")
 
     @property
-    def _fix(self) -> str:
+    def rebuild_hint(self) -> str:
+        """How to rebuild the folder: the `lmforge data prepare` command line that made it."""
         source = self.index.get("inputs")
         specs = source.get("inputs") if isinstance(source, dict) else source  # prepare's, or prepare_documents'
         args = " ".join(map(str, specs)) if isinstance(specs, list) and specs else "INPUT..."
         if isinstance(source, dict):
-            args = "".join(f"--{k} {source[k]} " for k in ("field", "column") if source.get(k)) + args
+            args = "".join(f"--{k} {source[k]} " for k in ("pairs", "field", "column") if source.get(k)) + args
         return f"re-run `lmforge data prepare --tokenizer DIR --out {self.folder} {args}` to rebuild it"
 
     def _open(self, name: str, n: int, dtype: np.dtype, sha256: str, verify: bool) -> np.ndarray:
-        path = self.folder / name
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} is missing (listed in {self.folder / 'index.json'}); {self._fix}")
-        expected, size = n * dtype.itemsize, path.stat().st_size
-        if size != expected:
-            raise ValueError(f"{path} is {size} bytes, expected {expected} ({n} tokens of {dtype.name}): the file "
-                             f"is truncated or was overwritten; {self._fix}")
-        if verify and (found := sha256_file(path)) != sha256:
-            raise ValueError(f"{path} has sha256 {found}, expected {sha256} (index.json): the file is corrupted "
-                             f"or was changed; {self._fix}")
-        return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
+        return open_array(self.folder / name, n, dtype, sha256, verify, self.rebuild_hint)
 
     def tokens(self, start: int, length: int) -> np.ndarray:
         """`length` tokens of the split's stream from `start`, across shard boundaries (read-only view

@@ -1,0 +1,1 @@
+"""Training: optimiser, schedules, losses, checkpoints and the loop."""

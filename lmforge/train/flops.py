@@ -1,0 +1,210 @@
+"""Training FLOPs per token, the device's matmul peak, and model FLOPs utilisation (MFU).
+
+FLOPs per token follow Kaplan et al. 2020 (Table 1) and PaLM (Chowdhery et al. 2022, appendix B):
+
+    flops_per_token = 6 N + 12 L H Q T
+
+N counts the weights of every matmul a token passes through: attention q/k/v/o projections, the MLP
+(for MoE: the router plus the top_k experts a token actually visits, not all n_experts) and the
+output head (the LM head is a matmul whether or not it is tied to the embedding; its width is the
+padded vocabulary, which is what gets multiplied). Embedding and position lookups, norms, biases and
+activations are not matmuls and are left out. 6 = 2 (multiply + add) x 3 (forward, backward for the
+input, backward for the weights). The second term is attention's two T x T matmuls (Q K^T and P V):
+2 x 2 H Q T per token forward, x 3 for training. Like PaLM it counts the full T x T score matrix
+even for causal or sliding-window masks (model FLOPs, not the FLOPs a kernel may skip).
+
+MFU = tokens/s x flops_per_token / peak FLOP/s (PaLM appendix B). On CPU the peak is measured with a
+square matmul and cached per machine; on known GPUs it is the datasheet's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from lmforge.config import ModelConfig
+from lmforge.data.fetch import default_cache_dir
+
+# Dense (no 2:4 sparsity) bf16/fp16 tensor-core peaks from NVIDIA datasheets; first substring match wins.
+GPU_BF16_PEAK = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("A100", 312e12),
+)
+
+
+# -- FLOPs per token ---------------------------------------------------------------------------------
+
+def _attention_weights(cfg: ModelConfig) -> tuple[int, int]:
+    """Per token: (q and o projections, k and v projections) weight counts of one attention block."""
+    a = cfg.attention
+    return 2 * cfg.d_model * a.n_head * a.head_dim, 2 * cfg.d_model * a.n_kv_head * a.head_dim
+
+
+def _ffn_weights(cfg: ModelConfig) -> int:
+    """Weights one token multiplies in the MLP; for MoE the router plus its top_k experts."""
+    per_expert = (3 if cfg.mlp.gated else 2) * cfg.d_model * cfg.mlp.d_ff
+    if cfg.moe is None:
+        return per_expert
+    return cfg.d_model * cfg.moe.n_experts + cfg.moe.top_k * per_expert
+
+
+def _head_weights(cfg: ModelConfig, seq_len: int) -> float:
+    """Weights per token of the head; per-sequence parts (pooler, sequence classifier) spread over seq_len."""
+    d = cfg.d_model
+    pooler = d * d if cfg.pooler else 0
+    if cfg.head == "lm":
+        return d * cfg.padded_vocab_size + (d * d if cfg.head_transform else 0)
+    if cfg.head == "token_classification":
+        return d * cfg.n_labels
+    if cfg.head == "sequence_classification":
+        return (pooler + d * cfg.n_labels) / seq_len
+    return pooler / seq_len  # "none"
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int, target_len: int | None = None) -> float:
+    """Training FLOPs (forward + backward) per token at sequence length `seq_len`: 6 N + 12 L H Q T.
+
+    Encoder-decoder: the encoder reads `seq_len` source tokens, the decoder `target_len` target tokens
+    (default: seq_len). Both stacks count; each decoder layer adds cross-attention (q/o projections on
+    target tokens, k/v projections on every source token, and 12 H Q S for the T x S scores and mix).
+    The head runs on target tokens. The result is one example's FLOPs divided by seq_len, so multiply
+    it by source tokens/s.
+    """
+    if seq_len <= 0:
+        raise ValueError(f"seq_len={seq_len} must be a positive number of tokens")
+    a = cfg.attention
+    qo, kv = _attention_weights(cfg)
+    attn_per_key = 12 * a.n_head * a.head_dim  # x (keys each query sees) x (layers)
+    layer = qo + kv + _ffn_weights(cfg)
+    if cfg.arch != "encoder_decoder":
+        n = cfg.n_layer * layer + _head_weights(cfg, seq_len)
+        return 6 * n + attn_per_key * cfg.n_layer * seq_len
+
+    src, tgt = seq_len, target_len if target_len is not None else seq_len
+    if tgt <= 0:
+        raise ValueError(f"target_len={tgt} must be a positive number of tokens")
+    enc, dec = cfg.n_layer, cfg.n_decoder_layer
+    encoder = src * (6 * enc * layer + attn_per_key * enc * src)
+    decoder = tgt * (6 * dec * (layer + qo) + attn_per_key * dec * (tgt + src))
+    cross_kv = src * 6 * dec * kv
+    head = tgt * 6 * _head_weights(cfg, tgt)
+    return (encoder + decoder + cross_kv + head) / src
+
+
+# -- peak FLOP/s and MFU --------------------------------------------------------------------------------
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_peak_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                       size: int | None = None, *, warmup_s: float = 0.5, min_s: float = 1.0) -> float:
+    """Achievable FLOP/s of a `size` x `size` matmul: the median over repeats lasting at least `min_s`
+    seconds (and 5 repeats), after `warmup_s` seconds of warm-up (clock ramp, allocator, BLAS setup).
+    size defaults to 2048 on CPU and 8192 on GPU: large enough to reach the BLAS plateau."""
+    device = torch.device(device)
+    n = size if size is not None else (8192 if device.type == "cuda" else 2048)
+    if n <= 0:
+        raise ValueError(f"size={n} must be a positive matrix size")
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    out = torch.empty(n, n, device=device, dtype=dtype)
+    start = time.perf_counter()
+    while True:  # at least one warm-up call
+        torch.mm(a, b, out=out)
+        _sync(device)
+        if time.perf_counter() - start >= warmup_s:
+            break
+    times: list[float] = []
+    start = time.perf_counter()
+    while len(times) < 5 or time.perf_counter() - start < min_s:
+        t = time.perf_counter()
+        torch.mm(a, b, out=out)
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return 2 * n**3 / statistics.median(times)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown cpu"
+
+
+def device_key(dtype: torch.dtype, device: str | torch.device) -> str:
+    """What the peak depends on: the device model, the CPU thread count, the dtype."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{cpu_name()} threads={torch.get_num_threads()}"
+    return f"{device.type}:{name}|{str(dtype).removeprefix('torch.')}"
+
+
+def table_peak_flops(dtype: torch.dtype, device: str | torch.device) -> float | None:
+    """The datasheet peak for a known GPU in bf16/fp16, else None."""
+    device = torch.device(device)
+    if device.type != "cuda" or dtype not in (torch.bfloat16, torch.float16):
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in GPU_BF16_PEAK if key in name), None)
+
+
+def cached_peak_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                      cache_dir: str | Path | None = None) -> float:
+    """The peak FLOP/s for (device, threads, dtype): a known GPU's datasheet value, else measured once
+    with `measure_peak_flops` and kept in `<cache_dir>/peak_flops.json` (default cache: $LMFORGE_CACHE or
+    ~/.cache/lmforge). Delete the entry (or the file) to measure again, e.g. after changing machines."""
+    table = table_peak_flops(dtype, device)
+    if table is not None:
+        return table
+    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "peak_flops.json"
+    key = device_key(dtype, device)
+    cache = _read_json(path)
+    if key in cache:
+        return float(cache[key])
+    peak = measure_peak_flops(dtype, device)
+    cache = _read_json(path)  # another process may have written meanwhile: keep its entries
+    cache[key] = peak
+    _write_json_atomic(path, cache)
+    return peak
+
+
+def mfu(tokens_per_second: float, flops_per_token: float, peak: float) -> float:
+    """Model FLOPs utilisation (PaLM appendix B): achieved model FLOP/s over the peak, in [0, 1]-ish.
+    Pass one device's tokens/s and that device's peak (or global tokens/s and peak x devices)."""
+    if peak <= 0:
+        raise ValueError(f"peak={peak} FLOP/s must be positive; measure it with cached_peak_flops")
+    return tokens_per_second * flops_per_token / peak
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _write_json_atomic(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)

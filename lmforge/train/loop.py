@@ -1,0 +1,238 @@
+"""The training loop: one function, `train(recipe, out)`, for 1 process or N under torchrun.
+
+Per optimiser step: set the scheduled lr; run `accumulation` micro-batches (the loss of each is its
+token-loss sum over the GLOBAL token count of the step, so accumulation and data parallelism give
+the gradient of one big batch); clip; skip the update if the loss or gradient is not finite; step.
+Every `eval.every` steps: validation loss, perplexity and bits per byte. Every `checkpoint.every`
+steps: an atomic checkpoint with everything needed to continue bit for bit (weights, optimiser,
+RNG, loader position, guard). Running again with the same out folder resumes from the latest one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from lmforge.config import ModelConfig
+from lmforge.data.batchers import CausalLM
+from lmforge.data.loader import ShardLoader
+from lmforge.models import build_model
+from lmforge.train import checkpoint as ckpt
+from lmforge.train.flops import cached_peak_flops, flops_per_token, mfu
+from lmforge.train.guard import NonFiniteGuard
+from lmforge.train.loss import token_loss
+from lmforge.train.metrics import MetricsLogger, ProgressBar, plot_losses
+from lmforge.train.optim import clip_grad_norm, make_optimizer
+from lmforge.train.recipe import Recipe
+from lmforge.train.run_info import write_run_info
+from lmforge.train.schedule import lr_factor
+from lmforge.train.setup import open_splits, shards_for, tokenizer_for
+
+IGNORE_INDEX = -100
+
+
+class Dist:
+    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
+
+    def __init__(self, device: str) -> None:
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
+        if cuda:
+            torch.cuda.set_device(self.device)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if cuda else "gloo")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+
+def prepare_run_dir(out: Path, fresh: bool, overwrite: bool) -> None:
+    if fresh and out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise ValueError(f"--fresh: {out} is not empty and would be deleted; pass --overwrite as well to "
+                             "confirm, or choose another --out")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _batches(recipe: Recipe, source, eos_id: int | None, seed: int, d: Dist, shuffle: bool) -> ShardLoader:
+    batcher = CausalLM(eos_id=eos_id, document_attention=recipe.data.document_attention)
+    return ShardLoader(source, batcher, recipe.batch.micro_batch, recipe.batch.seq_len, seed=seed, rank=d.rank,
+                       world_size=d.world, shuffle=shuffle)
+
+
+def _forward(model, batch: dict[str, torch.Tensor], device: torch.device):
+    kwargs = {k: batch[k].to(device) for k in ("positions", "document_ids") if k in batch}
+    return model(batch["input_ids"].to(device), **kwargs)
+
+
+def _autocast(recipe: Recipe, device: torch.device):
+    if recipe.train.precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@torch.no_grad()
+def evaluate(model, loader: ShardLoader, recipe: Recipe, d: Dist, n_bytes: float) -> dict[str, float]:
+    """Validation loss (nats per token), perplexity and bits per byte over the first `eval.batches`."""
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64)
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
+    for _ in range(recipe.eval.batches):
+        batch = next(loader)
+        with _autocast(recipe, d.device):
+            out = _forward(model, batch, d.device)
+        loss_sum, n = token_loss(out.logits, batch["labels"].to(d.device))
+        totals += torch.stack([loss_sum.double().cpu(), n.double().cpu()])
+    model.train()
+    loss_sum, n = d.sum(totals).tolist()
+    loss = loss_sum / n
+    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss_sum / math.log(2) / n_bytes}
+
+
+def _eval_bytes(loader: ShardLoader, recipe: Recipe, tokenizer, d: Dist) -> float:
+    """UTF-8 bytes of the validation labels evaluated (all ranks), for bits per byte."""
+    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
+    n = 0
+    for _ in range(recipe.eval.batches):
+        labels = next(loader)["labels"]
+        for row in labels:
+            n += len(tokenizer.decode(row[row != IGNORE_INDEX].tolist()).encode("utf-8", "surrogatepass"))
+    return float(d.sum(torch.tensor(float(n), dtype=torch.float64)).item())
+
+
+def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bool = False, log=print) -> dict:
+    """Run (or resume) `recipe` in folder `out`; returns the last metrics."""
+    out = Path(out)
+    d = Dist(recipe.train.device)
+    say = log if d.main else (lambda *a, **k: None)
+    if d.main:
+        prepare_run_dir(out, fresh, overwrite)
+    d.barrier()
+    seed, steps, b = recipe.train.seed, recipe.train.steps, recipe.batch
+    accumulation, rest = divmod(b.global_batch, b.micro_batch * d.world)
+    if rest or accumulation < 1:
+        raise ValueError(f"batch.global_batch={b.global_batch} must be a multiple of batch.micro_batch "
+                         f"({b.micro_batch}) x processes ({d.world})")
+    if recipe.train.precision == "fp16" and d.device.type != "cuda":
+        raise ValueError("train.precision=fp16 needs a GPU (gradient scaling); use bf16 on the CPU")
+
+    if d.main:  # build the cached tokenizer and shards once, the other ranks wait
+        tokenizer = tokenizer_for(recipe.data, log=say)
+        shards_for(recipe.data, tokenizer, seed, log=say)
+    d.barrier()
+    tokenizer = tokenizer_for(recipe.data, log=say)
+    train_src, val_src = open_splits(shards_for(recipe.data, tokenizer, seed, log=say), tokenizer)
+
+    cfg = ModelConfig.from_preset(recipe.model.preset, **{**recipe.model.overrides, "vocab_size": tokenizer.vocab_size})
+    torch.manual_seed(seed)
+    model = build_model(cfg, device=d.device, seed=seed)
+    optimizer = make_optimizer(model, recipe.optim)
+    guard = NonFiniteGuard(max_consecutive=recipe.train.max_bad_steps)
+    loader = _batches(recipe, train_src, tokenizer.eos_id, seed, d, shuffle=True)
+    val_loader = _batches(recipe, val_src, tokenizer.eos_id, seed, d, shuffle=False)
+
+    start = 0
+    latest = ckpt.latest_checkpoint(out)
+    if latest is not None:
+        state = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
+        start = state["step"]
+        loader.load_state_dict(state["loader"])
+        guard.load_state_dict(state["guard"])
+        say(f"resuming {out} from step {start} ({latest.name})")
+    elif d.main:
+        tokenizer.save(out / "tokenizer")
+        write_run_info(out, recipe, cfg, tokenizer)
+    metrics = MetricsLogger(out) if d.main else None
+    if metrics is not None:
+        metrics.truncate_after(start)
+
+    runner = torch.compile(model) if recipe.train.compile else model
+    if d.world > 1:
+        runner = torch.nn.parallel.DistributedDataParallel(runner)
+    scaler = torch.amp.GradScaler("cuda") if recipe.train.precision == "fp16" else None
+    tokens_per_step = b.global_batch * b.seq_len
+    per_token = flops_per_token(cfg, b.seq_len)
+    peak = cached_peak_flops(torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32,
+                             d.device.type) * d.world
+    eval_bytes = _eval_bytes(val_loader, recipe, tokenizer, d)
+    bar = ProgressBar(steps, start, enabled=d.main)
+    last: dict = {}
+    model.train()
+    for step in range(start, steps):
+        t0 = time.perf_counter()
+        lr = recipe.optim.lr * lr_factor(recipe.schedule, step, steps)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        micro = [next(loader) for _ in range(accumulation)]
+        n_global = d.sum(sum((m["labels"] != IGNORE_INDEX).sum() for m in micro).double())
+        loss_total = torch.zeros((), dtype=torch.float64)
+        for i, batch in enumerate(micro):
+            sync = contextlib.nullcontext() if d.world == 1 or i == accumulation - 1 else runner.no_sync()
+            with sync:
+                with _autocast(recipe, d.device):
+                    output = _forward(runner, batch, d.device)
+                loss_sum, _ = token_loss(output.logits, batch["labels"].to(d.device),
+                                         label_smoothing=recipe.train.label_smoothing)
+                aux = sum(output.aux_losses.values(), torch.zeros((), device=d.device)) / accumulation
+                # DDP averages gradients over ranks: scale by world so the result is sum / n_global
+                loss = loss_sum * (d.world / n_global.to(loss_sum.device)).float() + aux
+                (scaler.scale(loss) if scaler else loss).backward()
+            loss_total += loss_sum.detach().double().cpu()
+        if scaler:
+            scaler.unscale_(optimizer)
+        grad_norm = clip_grad_norm(model, recipe.optim.grad_clip)
+        train_loss = (d.sum(loss_total) / n_global.cpu()).item()
+        if guard.check(train_loss, grad_norm):
+            (scaler.step(optimizer) if scaler else optimizer.step())
+        if scaler:
+            scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        seconds = time.perf_counter() - t0
+        last = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / seconds,
+                "mfu": mfu(tokens_per_step / seconds, per_token, peak), "skipped": guard.skipped}
+        if done % recipe.eval.every == 0 or done == steps:
+            last.update(evaluate(runner, val_loader, recipe, d, eval_bytes))
+            bar.write(f"step {done}: train {train_loss:.4f}  val {last['val_loss']:.4f}  "
+                      f"ppl {last['val_ppl']:.2f}  bpb {last['val_bpb']:.3f}")
+        if metrics is not None:
+            metrics.log(done, **last)
+        bar.update(done, loss=train_loss, lr=lr, tokens_per_s=last["tokens_per_s"], mfu=last["mfu"])
+        if done % recipe.checkpoint.every == 0 or done == steps:
+            if d.main:
+                state = {"step": done, "loader": loader.state_dict(), "guard": guard.state_dict(),
+                         "val_loss": last.get("val_loss")}
+                ckpt.save_checkpoint(out, done, model=model, optimizer=optimizer, state=state,
+                                     metric=last.get("val_loss"), keep_last=recipe.checkpoint.keep_last)
+                if "val_loss" in last:
+                    plot_losses(out)
+            d.barrier()
+    bar.close()
+    if metrics is not None:
+        metrics.close()
+    if d.world > 1:
+        dist.destroy_process_group()
+    return last

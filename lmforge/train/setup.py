@@ -1,0 +1,82 @@
+"""What a run needs before its first step, built on first use and cached: the tokenizer (trained on
+the recipe's data) and the token shards. The cache key covers everything that changes the result,
+so a second run, or a resumed one, reuses them without work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+from lmforge.data.corpora import iter_documents
+from lmforge.data.fetch import default_cache_dir
+from lmforge.data.shards import TokenShards, prepare
+from lmforge.tokenizer import Tokenizer, train_tokenizer
+from lmforge.train.recipe import DataSection
+
+
+def _input_signature(spec: str) -> str:
+    """A corpus name as is; a local path with its size and mtime, so edited files give a new key."""
+    path = Path(spec)
+    if path.exists():
+        stat = path.stat()
+        return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+    return spec
+
+
+def _key(**parts: object) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build_once(target: Path, build) -> Path:
+    """Build into a temporary sibling and rename, so an interrupted build is never mistaken for a cache hit."""
+    if target.exists():
+        return target
+    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    build(tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def tokenizer_for(data: DataSection, cache_dir: Path | None = None, log=print) -> Tokenizer:
+    cfg = data.tokenizer
+    if cfg.path is not None:
+        return Tokenizer.load(cfg.path)
+    cache = Path(cache_dir or default_cache_dir()) / "tokenizers"
+    key = _key(inputs=[_input_signature(s) for s in data.inputs], kind=cfg.kind, vocab_size=cfg.vocab_size)
+    target = cache / f"{cfg.kind}-{cfg.vocab_size}-{key}"
+    if not target.exists():
+        log(f"training a {cfg.kind} tokenizer ({cfg.vocab_size} tokens) on {', '.join(data.inputs)} -> {target}")
+
+    def build(tmp: Path) -> None:
+        docs = (doc for spec in data.inputs for doc in iter_documents(spec))
+        train_tokenizer(cfg.kind, docs, cfg.vocab_size).save(tmp)
+
+    cache.mkdir(parents=True, exist_ok=True)
+    return Tokenizer.load(_build_once(target, build))
+
+
+def shards_for(data: DataSection, tokenizer: Tokenizer, seed: int, cache_dir: Path | None = None,
+               log=print) -> Path:
+    cache = Path(cache_dir or default_cache_dir()) / "shards"
+    key = _key(inputs=[_input_signature(s) for s in data.inputs], tokenizer=tokenizer.fingerprint,
+               val_fraction=data.val_fraction, seed=seed)
+    target = cache / key
+    if not target.exists():
+        log(f"preparing token shards of {', '.join(data.inputs)} -> {target}")
+    cache.mkdir(parents=True, exist_ok=True)
+    _build_once(target, lambda tmp: prepare(list(data.inputs), tokenizer, tmp, val_fraction=data.val_fraction,
+                                            seed=seed, progress=False))
+    return target
+
+
+def open_splits(folder: Path, tokenizer: Tokenizer) -> tuple[TokenShards, TokenShards]:
+    train = TokenShards(folder, "train", tokenizer=tokenizer)
+    val = TokenShards(folder, "val", tokenizer=tokenizer)
+    if val.n_tokens == 0:
+        raise ValueError(f"the validation split of {folder} is empty; raise data.val_fraction or add data")
+    return train, val

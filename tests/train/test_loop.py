@@ -1,0 +1,121 @@
+"""The training loop end to end through the real command line: metrics, exact resume after SIGKILL,
+data-parallel equivalence under torchrun, --fresh safety and export to Hugging Face."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "recipes" / "debug.yaml"
+SHORT = ["--train.steps=16", "--checkpoint.every=4", "--eval.every=8"]
+
+
+def _train(out: Path, *extra: str, launcher: list[str] | None = None, check: bool = True):
+    cmd = [*(launcher or [sys.executable]), "-m", "lmforge", "train", str(RECIPE), "--out", str(out), *SHORT, *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=600)
+    if check:
+        assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def _losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, len(rows) + 1)), "steps must be logged once each, in order"
+    return [r["loss"] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference")
+    _train(out)
+    return out
+
+
+def test_run_writes_metrics_checkpoints_and_plot(reference):
+    losses = _losses(reference)
+    assert len(losses) == 16 and losses[-1] < losses[0] - 0.3, f"loss did not fall: {losses}"
+    rows = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "mfu"} <= set(rows[0])
+    assert {"val_loss", "val_ppl", "val_bpb"} <= set(rows[7]), "evaluation every 8 steps"
+    kept = sorted(p.name for p in (reference / "checkpoints").glob("step-*"))
+    assert kept[-1] == "step-00000016" and len(kept) <= 3, kept
+    assert (reference / "loss.png").stat().st_size > 5000
+    for name in ("recipe.yaml", "run.json", "tokenizer/tokenizer.json"):
+        assert (reference / name).is_file(), name
+    info = json.loads((reference / "run.json").read_text())
+    assert info["versions"]["torch"] == torch.__version__ and info["seed"] == 0
+    assert info["tokenizer_fingerprint"] and info["model_config"]["n_layer"] == 2
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_reproduces_every_loss_bit_for_bit(reference, tmp_path):
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "lmforge", "train", str(RECIPE), "--out", str(out), *SHORT]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics = out / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:  # kill between checkpoints 8 and 12
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (out / "checkpoints" / "step-00000008").is_dir(), "the run should have been killed after step 8"
+    resumed = _train(out)
+    assert "resuming" in resumed.stdout + resumed.stderr
+    assert _losses(out) == _losses(reference), "a resumed run must reproduce the uninterrupted losses exactly"
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(reference, tmp_path):
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun, "torchrun ships with torch"
+    out = tmp_path / "ddp"
+    env_launch = [torchrun, "--nproc-per-node", "2", "--master-port", str(29500 + os.getpid() % 1000)]
+    _train(out, launcher=env_launch)
+    single, double = _losses(reference), _losses(out)
+    worst = max(abs(a - b) for a, b in zip(single, double))
+    assert worst < 1e-4, f"2-process DDP losses differ from 1 process by {worst:.2e}"
+
+
+def test_fresh_refuses_a_nonempty_run_unless_asked_twice(reference, tmp_path):
+    out = tmp_path / "used"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    proc = _train(out, "--fresh", check=False)
+    assert proc.returncode == 2 and "pass --overwrite" in proc.stderr
+    assert (out / "keep.txt").exists()
+
+
+def test_unknown_recipe_keys_and_bad_values_explain_themselves(tmp_path):
+    from lmforge.train.recipe import load_recipe
+
+    with pytest.raises(ValueError, match=r"unknown recipe key\(s\) \['optim.learning_rate'\]"):
+        load_recipe(RECIPE, ["optim.learning_rate=1"])
+    with pytest.raises(ValueError, match="batch.global_batch=6 must be a multiple"):
+        from lmforge.train.loop import train
+
+        train(load_recipe(RECIPE, ["batch.global_batch=6"]), tmp_path / "x")
+
+
+def test_export_writes_a_checkpoint_transformers_loads(reference, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from lmforge.cli import main
+    from lmforge.train.export import load_run_model
+
+    assert main(["export", str(reference), "--hf", str(tmp_path / "hf")]) == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    ids = torch.tensor([tok("def main():\n    return 0\n")["input_ids"]])
+    with torch.no_grad():
+        assert (load_run_model(reference)(ids).logits - hf(ids).logits).abs().max() < 1e-4

@@ -1,0 +1,128 @@
+"""Token loss (sum, count), label smoothing, auxiliary losses, and accumulation equals one big batch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import lmforge
+from lmforge.models.output import ModelOutput
+from lmforge.train.loss import loss_with_aux, token_loss
+
+
+def random_batch(seed: int = 0, B: int = 3, T: int = 5, V: int = 11):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(B, T, V, generator=g) * 3
+    labels = torch.randint(0, V, (B, T), generator=g)
+    labels[0, :2] = -100
+    labels[2, 4] = -100
+    return logits, labels
+
+
+def test_sum_and_count_match_cross_entropy_mean():
+    logits, labels = random_batch()
+    loss_sum, n = token_loss(logits, labels)
+    assert n.item() == 12
+    mean = F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1))
+    torch.testing.assert_close(loss_sum / n, mean)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_label_smoothing_matches_torch_and_the_formula(eps):
+    logits, labels = random_batch(1)
+    loss_sum, n = token_loss(logits, labels, label_smoothing=eps)
+    torch.testing.assert_close(loss_sum / n, F.cross_entropy(logits.reshape(-1, 11), labels.reshape(-1),
+                                                             label_smoothing=eps))
+    # Szegedy et al. 2016 §7: target q' = (1 - eps) one_hot(y) + eps / V; loss = -sum_c q'_c log p_c.
+    logp = logits.log_softmax(-1)
+    keep = labels != -100
+    target = torch.full_like(logp, eps / 11)
+    target[keep] += (1 - eps) * F.one_hot(labels[keep], 11).float()
+    by_formula = -(target * logp).sum(-1)[keep].sum()
+    torch.testing.assert_close(loss_sum, by_formula)
+    assert not torch.allclose(loss_sum, token_loss(logits, labels)[0]), "smoothing must change the loss"
+
+
+def test_loss_is_fp32_for_bf16_logits():
+    logits, labels = random_batch()
+    loss_sum, _ = token_loss(logits.bfloat16(), labels)
+    assert loss_sum.dtype == torch.float32
+    torch.testing.assert_close(loss_sum, token_loss(logits.bfloat16().float(), labels)[0])
+
+
+def test_custom_ignore_index_and_all_ignored():
+    logits, labels = random_batch()
+    labels[labels == -100] = 0
+    _, n = token_loss(logits, labels, ignore_index=0)
+    assert n.item() == (labels != 0).sum().item()
+    loss_sum, n = token_loss(logits, torch.full_like(labels, -100))
+    assert loss_sum.item() == 0.0 and n.item() == 0
+
+
+def test_bad_inputs_raise():
+    logits, labels = random_batch()
+    with pytest.raises(ValueError, match=r"label_smoothing must lie in \[0, 1\)"):
+        token_loss(logits, labels, label_smoothing=1.0)
+    with pytest.raises(ValueError, match="disagree"):
+        token_loss(logits, labels[:, :-1])
+
+
+def test_loss_with_aux_adds_the_weighted_aux_losses():
+    logits, labels = random_batch()
+    aux = {"moe_load_balance": torch.tensor(0.25), "moe_router_z": torch.tensor(0.5)}
+    parts = loss_with_aux(ModelOutput(logits=logits, aux_losses=aux), labels)
+    loss_sum, n = token_loss(logits, labels)
+    torch.testing.assert_close(parts.objective, loss_sum / n + 0.75)
+    assert parts.aux.item() == pytest.approx(0.75) and parts.n_tokens.item() == 12
+    scaled = loss_with_aux(ModelOutput(logits=logits, aux_losses=aux), labels, normalizer=100, aux_scale=0.5)
+    torch.testing.assert_close(scaled.objective, loss_sum / 100 + 0.375)
+    plain = loss_with_aux(ModelOutput(logits=logits), labels)
+    torch.testing.assert_close(plain.objective, loss_sum / n)
+    empty = loss_with_aux(ModelOutput(logits=logits), torch.full_like(labels, -100))
+    assert empty.objective.item() == 0.0, "an all-ignored micro-batch contributes 0, not nan"
+
+
+def test_loss_with_aux_backpropagates_through_moe_aux_losses():
+    model = lmforge.build_model(lmforge.ModelConfig.from_preset("debug-mixtral"), seed=0)
+    ids = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model(ids)
+    parts = loss_with_aux(out, ids)
+    assert parts.aux.item() > 0
+    parts.objective.backward()
+    router = model.blocks[0].mlp.router.weight.grad
+    assert router is not None and router.abs().sum() > 0
+
+
+def grads(model) -> list[torch.Tensor]:
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def test_accumulation_equals_one_big_batch():
+    """K micro-batches, each loss_sum / global_tokens, accumulated == one big batch (fp32, 1e-6)."""
+    model = lmforge.build_model(lmforge.ModelConfig.from_preset("debug-llama"), seed=0)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (4, 16), generator=g)
+    labels = torch.randint(0, 256, (4, 16), generator=g)
+    labels[0, 3:] = -100  # micro-batches with very different token counts: 3, 16, 16, 9
+    labels[3, :7] = -100
+
+    loss_sum, n = token_loss(model(ids).logits, labels)
+    (loss_sum / n).backward()
+    big = grads(model)
+
+    model.zero_grad()
+    global_tokens = (labels != -100).sum()
+    for i in range(4):
+        micro_sum, _ = token_loss(model(ids[i : i + 1]).logits, labels[i : i + 1])
+        (micro_sum / global_tokens).backward()
+    accumulated = grads(model)
+    for (name, _), a, b in zip(model.named_parameters(), accumulated, big):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+    model.zero_grad()  # the wrong way: the mean of per-micro-batch means
+    for i in range(4):
+        micro_sum, micro_n = token_loss(model(ids[i : i + 1]).logits, labels[i : i + 1])
+        (micro_sum / micro_n / 4).backward()
+    worst = max((a - b).abs().max().item() for a, b in zip(grads(model), big))
+    assert worst > 1e-4, "mean of means should differ when token counts differ (else this test shows nothing)"
