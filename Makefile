@@ -31,7 +31,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 demo: setup
-	$(BIN)/lmforge info debug-llama
+	$(BIN)/lmforge demo --out runs/demo
 
 lint: setup
 	$(BIN)/ruff check lmforge tests

@@ -17,6 +17,7 @@ from lmforge.data.commands_fetch import list_cmd as data_list
 from lmforge.data.commands_prepare import prepare as data_prepare
 from lmforge.data.commands_tokenizer import eval_cmd as tokenizer_eval
 from lmforge.data.commands_tokenizer import train_cmd as tokenizer_train
+from lmforge.eval.demo import demo
 from lmforge.train.commands import export_cmd, train_cmd
 
 
@@ -112,6 +113,7 @@ VERBS = {
     "tokenizer": {"train": tokenizer_train, "eval": tokenizer_eval},
     "train": train_cmd,
     "export": export_cmd,
+    "demo": demo,
     "data": {"fetch": data_fetch, "list": data_list, "prepare": data_prepare},
 }
 

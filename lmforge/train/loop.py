@@ -1,9 +1,12 @@
 """The training loop: one function, `train(recipe, out)`, for 1 process or N under torchrun.
 
+The recipe's `data.objective` (clm, mlm, span, seq2seq; `lmforge.train.objectives`) decides the data,
+the batches and how the model is called; everything below is the same for all of them.
+
 Per optimiser step: set the scheduled lr; run `accumulation` micro-batches (the loss of each is its
 token-loss sum over the GLOBAL token count of the step, so accumulation and data parallelism give
 the gradient of one big batch); clip; skip the update if the loss or gradient is not finite; step.
-Every `eval.every` steps: validation loss, perplexity and bits per byte. Every `checkpoint.every`
+Every `eval.every` steps: validation loss, perplexity and (clm) bits per byte. Every `checkpoint.every`
 steps: an atomic checkpoint with everything needed to continue bit for bit (weights, optimiser,
 RNG, loader position, guard). Running again with the same out folder resumes from the latest one.
 """
@@ -12,59 +15,28 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
-from lmforge.config import ModelConfig
-from lmforge.data.batchers import CausalLM
 from lmforge.data.loader import ShardLoader
 from lmforge.models import build_model
 from lmforge.train import checkpoint as ckpt
-from lmforge.train.flops import cached_peak_flops, flops_per_token, mfu
+from lmforge.train.distributed import Dist, loadable, parallelize, saveable
+from lmforge.train.flops import cached_peak_flops, mfu
 from lmforge.train.guard import NonFiniteGuard
 from lmforge.train.loss import token_loss
 from lmforge.train.metrics import MetricsLogger, ProgressBar, plot_losses
+from lmforge.train.objectives import Objective, batch_cost, get_objective, model_config
 from lmforge.train.optim import clip_grad_norm, make_optimizer
 from lmforge.train.recipe import Recipe
 from lmforge.train.run_info import write_run_info
 from lmforge.train.schedule import lr_factor
-from lmforge.train.setup import open_splits, shards_for, tokenizer_for
+from lmforge.train.setup import tokenizer_for
 
 IGNORE_INDEX = -100
-
-
-class Dist:
-    """This process's place in a torchrun job (rank 0 of 1 without torchrun)."""
-
-    def __init__(self, device: str) -> None:
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        local = int(os.environ.get("LOCAL_RANK", "0"))
-        cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-        self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
-        if cuda:
-            torch.cuda.set_device(self.device)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if cuda else "gloo")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            value = value.clone()
-            dist.all_reduce(value)
-        return value
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
 
 
 def prepare_run_dir(out: Path, fresh: bool, overwrite: bool) -> None:
@@ -76,17 +48,6 @@ def prepare_run_dir(out: Path, fresh: bool, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _batches(recipe: Recipe, source, eos_id: int | None, seed: int, d: Dist, shuffle: bool) -> ShardLoader:
-    batcher = CausalLM(eos_id=eos_id, document_attention=recipe.data.document_attention)
-    return ShardLoader(source, batcher, recipe.batch.micro_batch, recipe.batch.seq_len, seed=seed, rank=d.rank,
-                       world_size=d.world, shuffle=shuffle)
-
-
-def _forward(model, batch: dict[str, torch.Tensor], device: torch.device):
-    kwargs = {k: batch[k].to(device) for k in ("positions", "document_ids") if k in batch}
-    return model(batch["input_ids"].to(device), **kwargs)
-
-
 def _autocast(recipe: Recipe, device: torch.device):
     if recipe.train.precision == "fp32":
         return contextlib.nullcontext()
@@ -95,21 +56,26 @@ def _autocast(recipe: Recipe, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, loader: ShardLoader, recipe: Recipe, d: Dist, n_bytes: float) -> dict[str, float]:
-    """Validation loss (nats per token), perplexity and bits per byte over the first `eval.batches`."""
+def evaluate(model, loader: ShardLoader, recipe: Recipe, objective: Objective, d: Dist,
+             n_bytes: float | None) -> dict[str, float]:
+    """Validation loss (nats per label token) and perplexity over the first `eval.batches`; bits per byte
+    too when `n_bytes` (the UTF-8 bytes of those labels) is given."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
     for _ in range(recipe.eval.batches):
         batch = next(loader)
         with _autocast(recipe, d.device):
-            out = _forward(model, batch, d.device)
+            out = objective.forward(model, batch, d.device)
         loss_sum, n = token_loss(out.logits, batch["labels"].to(d.device))
         totals += torch.stack([loss_sum.double().cpu(), n.double().cpu()])
     model.train()
     loss_sum, n = d.sum(totals).tolist()
     loss = loss_sum / n
-    return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), "val_bpb": loss_sum / math.log(2) / n_bytes}
+    result = {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+    if n_bytes is not None:
+        result["val_bpb"] = loss_sum / math.log(2) / n_bytes
+    return result
 
 
 def _eval_bytes(loader: ShardLoader, recipe: Recipe, tokenizer, d: Dist) -> float:
@@ -139,25 +105,29 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
     if recipe.train.precision == "fp16" and d.device.type != "cuda":
         raise ValueError("train.precision=fp16 needs a GPU (gradient scaling); use bf16 on the CPU")
 
+    objective = get_objective(recipe.data.objective)
     if d.main:  # build the cached tokenizer and shards once, the other ranks wait
-        tokenizer = tokenizer_for(recipe.data, log=say)
-        shards_for(recipe.data, tokenizer, seed, log=say)
+        tokenizer = tokenizer_for(recipe.data, log=say, pairs=objective.pairs)
+        objective.prepare(recipe.data, tokenizer, seed, log=say)
     d.barrier()
-    tokenizer = tokenizer_for(recipe.data, log=say)
-    train_src, val_src = open_splits(shards_for(recipe.data, tokenizer, seed, log=say), tokenizer)
+    tokenizer = tokenizer_for(recipe.data, log=say, pairs=objective.pairs)
+    train_src, val_src = objective.open(objective.prepare(recipe.data, tokenizer, seed, log=say), tokenizer)
 
-    cfg = ModelConfig.from_preset(recipe.model.preset, **{**recipe.model.overrides, "vocab_size": tokenizer.vocab_size})
+    cfg = model_config(recipe.model.preset, recipe.model.overrides, tokenizer)
+    objective.check(cfg, recipe.data)
     torch.manual_seed(seed)
     model = build_model(cfg, device=d.device, seed=seed)
+    runner = parallelize(model, recipe.train, d)  # before the optimizer: FSDP2 swaps in sharded parameters
     optimizer = make_optimizer(model, recipe.optim)
     guard = NonFiniteGuard(max_consecutive=recipe.train.max_bad_steps)
-    loader = _batches(recipe, train_src, tokenizer.eos_id, seed, d, shuffle=True)
-    val_loader = _batches(recipe, val_src, tokenizer.eos_id, seed, d, shuffle=False)
+    loader = objective.loader(train_src, recipe, tokenizer, rank=d.rank, world_size=d.world, shuffle=True)
+    val_loader = objective.loader(val_src, recipe, tokenizer, rank=d.rank, world_size=d.world, shuffle=False)
 
     start = 0
     latest = ckpt.latest_checkpoint(out)
     if latest is not None:
-        state = ckpt.load_checkpoint(latest, model=model, optimizer=optimizer)
+        model_in, optimizer_in = loadable(model, optimizer)  # FSDP2: each rank takes its shard of the full state
+        state = ckpt.load_checkpoint(latest, model=model_in, optimizer=optimizer_in)
         start = state["step"]
         loader.load_state_dict(state["loader"])
         guard.load_state_dict(state["guard"])
@@ -169,15 +139,10 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
     if metrics is not None:
         metrics.truncate_after(start)
 
-    runner = torch.compile(model) if recipe.train.compile else model
-    if d.world > 1:
-        runner = torch.nn.parallel.DistributedDataParallel(runner)
     scaler = torch.amp.GradScaler("cuda") if recipe.train.precision == "fp16" else None
-    tokens_per_step = b.global_batch * b.seq_len
-    per_token = flops_per_token(cfg, b.seq_len)
     peak = cached_peak_flops(torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32,
                              d.device.type) * d.world
-    eval_bytes = _eval_bytes(val_loader, recipe, tokenizer, d)
+    eval_bytes = _eval_bytes(val_loader, recipe, tokenizer, d) if objective.bits_per_byte else None
     bar = ProgressBar(steps, start, enabled=d.main)
     last: dict = {}
     model.train()
@@ -187,13 +152,16 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
         for group in optimizer.param_groups:
             group["lr"] = lr
         micro = [next(loader) for _ in range(accumulation)]
-        n_global = d.sum(sum((m["labels"] != IGNORE_INDEX).sum() for m in micro).double())
+        n_labels = sum((m["labels"] != IGNORE_INDEX).sum() for m in micro).item()
+        tokens, flops = (sum(c) for c in zip(*(batch_cost(cfg, m) for m in micro)))
+        counts = d.sum(torch.tensor([n_labels, tokens, flops], dtype=torch.float64))  # one all-reduce
+        n_global, step_tokens, step_flops = counts[0], counts[1].item(), counts[2].item()
         loss_total = torch.zeros((), dtype=torch.float64)
         for i, batch in enumerate(micro):
             sync = contextlib.nullcontext() if d.world == 1 or i == accumulation - 1 else runner.no_sync()
             with sync:
                 with _autocast(recipe, d.device):
-                    output = _forward(runner, batch, d.device)
+                    output = objective.forward(runner, batch, d.device)
                 loss_sum, _ = token_loss(output.logits, batch["labels"].to(d.device),
                                          label_smoothing=recipe.train.label_smoothing)
                 aux = sum(output.aux_losses.values(), torch.zeros((), device=d.device)) / accumulation
@@ -212,20 +180,22 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
         seconds = time.perf_counter() - t0
-        last = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tokens_per_step / seconds,
-                "mfu": mfu(tokens_per_step / seconds, per_token, peak), "skipped": guard.skipped}
+        last = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": step_tokens / seconds,
+                "mfu": mfu(step_tokens / seconds, step_flops / step_tokens, peak), "skipped": guard.skipped}
         if done % recipe.eval.every == 0 or done == steps:
-            last.update(evaluate(runner, val_loader, recipe, d, eval_bytes))
+            last.update(evaluate(runner, val_loader, recipe, objective, d, eval_bytes))
+            bpb = f"  bpb {last['val_bpb']:.3f}" if "val_bpb" in last else ""
             bar.write(f"step {done}: train {train_loss:.4f}  val {last['val_loss']:.4f}  "
-                      f"ppl {last['val_ppl']:.2f}  bpb {last['val_bpb']:.3f}")
+                      f"ppl {last['val_ppl']:.2f}{bpb}")
         if metrics is not None:
             metrics.log(done, **last)
         bar.update(done, loss=train_loss, lr=lr, tokens_per_s=last["tokens_per_s"], mfu=last["mfu"])
         if done % recipe.checkpoint.every == 0 or done == steps:
+            model_out, optimizer_out = saveable(model, optimizer)  # FSDP2: the full state, gathered to rank 0
             if d.main:
                 state = {"step": done, "loader": loader.state_dict(), "guard": guard.state_dict(),
                          "val_loss": last.get("val_loss")}
-                ckpt.save_checkpoint(out, done, model=model, optimizer=optimizer, state=state,
+                ckpt.save_checkpoint(out, done, model=model_out, optimizer=optimizer_out, state=state,
                                      metric=last.get("val_loss"), keep_last=recipe.checkpoint.keep_last)
                 if "val_loss" in last:
                     plot_losses(out)
@@ -233,6 +203,5 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
     bar.close()
     if metrics is not None:
         metrics.close()
-    if d.world > 1:
-        dist.destroy_process_group()
+    d.close()
     return last

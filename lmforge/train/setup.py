@@ -1,6 +1,7 @@
 """What a run needs before its first step, built on first use and cached: the tokenizer (trained on
-the recipe's data) and the token shards. The cache key covers everything that changes the result,
-so a second run, or a resumed one, reuses them without work.
+the recipe's data) and the token shards (documents, or (source, target) pairs for seq2seq). The
+cache key covers everything that changes the result, so a second run, or a resumed one, reuses
+them without work.
 """
 
 from __future__ import annotations
@@ -9,10 +10,12 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from lmforge.data.corpora import iter_documents
+from lmforge.data.corpora import iter_documents, iter_pairs
 from lmforge.data.fetch import default_cache_dir
+from lmforge.data.pair_shards import PairShards, prepare_pair_inputs
 from lmforge.data.shards import TokenShards, prepare
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.recipe import DataSection
@@ -42,19 +45,36 @@ def _build_once(target: Path, build) -> Path:
     return target
 
 
-def tokenizer_for(data: DataSection, cache_dir: Path | None = None, log=print) -> Tokenizer:
+def _first_chars(docs: Iterable[str], max_chars: int | None) -> Iterator[str]:
+    """The documents up to the one that reaches `max_chars` characters in all (None: every one)."""
+    total = 0
+    for doc in docs:
+        if max_chars is not None and total >= max_chars:
+            return
+        total += len(doc)
+        yield doc
+
+
+def tokenizer_for(data: DataSection, cache_dir: Path | None = None, log=print, *, pairs: bool = False) -> Tokenizer:
+    """`data.tokenizer.path` loaded, or a tokenizer trained on `data.inputs` (cached); `pairs`: the inputs are
+    (source, target) pairs and it is trained on both sides."""
     cfg = data.tokenizer
     if cfg.path is not None:
         return Tokenizer.load(cfg.path)
     cache = Path(cache_dir or default_cache_dir()) / "tokenizers"
-    key = _key(inputs=[_input_signature(s) for s in data.inputs], kind=cfg.kind, vocab_size=cfg.vocab_size)
+    key = _key(inputs=[_input_signature(s) for s in data.inputs], kind=cfg.kind, vocab_size=cfg.vocab_size,
+               sentinels=cfg.sentinels, max_chars=cfg.max_chars, pairs=pairs)
     target = cache / f"{cfg.kind}-{cfg.vocab_size}-{key}"
     if not target.exists():
         log(f"training a {cfg.kind} tokenizer ({cfg.vocab_size} tokens) on {', '.join(data.inputs)} -> {target}")
 
     def build(tmp: Path) -> None:
-        docs = (doc for spec in data.inputs for doc in iter_documents(spec))
-        train_tokenizer(cfg.kind, docs, cfg.vocab_size).save(tmp)
+        if pairs:
+            docs = (side for spec in data.inputs for pair in iter_pairs(spec) for side in pair)
+        else:
+            docs = (doc for spec in data.inputs for doc in iter_documents(spec))
+        train_tokenizer(cfg.kind, _first_chars(docs, cfg.max_chars), cfg.vocab_size,
+                        n_sentinels=cfg.sentinels).save(tmp)
 
     cache.mkdir(parents=True, exist_ok=True)
     return Tokenizer.load(_build_once(target, build))
@@ -79,4 +99,27 @@ def open_splits(folder: Path, tokenizer: Tokenizer) -> tuple[TokenShards, TokenS
     val = TokenShards(folder, "val", tokenizer=tokenizer)
     if val.n_tokens == 0:
         raise ValueError(f"the validation split of {folder} is empty; raise data.val_fraction or add data")
+    return train, val
+
+
+def pairs_for(data: DataSection, tokenizer: Tokenizer, seed: int, cache_dir: Path | None = None,
+              log=print) -> Path:
+    """`shards_for` for seq2seq: `data.inputs` are pair corpora or files, prepared with `prepare_pairs`."""
+    cache = Path(cache_dir or default_cache_dir()) / "pairs"
+    key = _key(inputs=[_input_signature(s) for s in data.inputs], tokenizer=tokenizer.fingerprint,
+               val_fraction=data.val_fraction, seed=seed)
+    target = cache / key
+    if not target.exists():
+        log(f"preparing (source, target) pair shards of {', '.join(data.inputs)} -> {target}")
+    cache.mkdir(parents=True, exist_ok=True)
+    _build_once(target, lambda tmp: prepare_pair_inputs(list(data.inputs), tokenizer, tmp, kind="seq2seq",
+                                                        val_fraction=data.val_fraction, seed=seed, progress=False))
+    return target
+
+
+def open_pair_splits(folder: Path, tokenizer: Tokenizer) -> tuple[PairShards, PairShards]:
+    train = PairShards(folder, "train", tokenizer=tokenizer)
+    val = PairShards(folder, "val", tokenizer=tokenizer)
+    if val.n_documents == 0:
+        raise ValueError(f"the validation split of {folder} has no pairs; raise data.val_fraction or add data")
     return train, val

@@ -161,3 +161,93 @@ def test_errors_name_the_value_and_the_fix():
         ShardLoader(source, CausalLM(), 1, 8, seed=1).load_state_dict(state)
     with pytest.raises(ValueError, match="outside an epoch"):
         loader.load_state_dict({**state, "step": 10**6})
+
+
+def _global_steps(loader: ShardLoader, accumulation: int, n: int) -> list[set[int]]:
+    """Items of the next n optimiser steps of one rank's loader (accumulation micro-batches each)."""
+    steps = []
+    for _ in range(n):
+        items = set()
+        for _ in range(accumulation):
+            items |= set(loader.indices(loader.epoch, loader.step).tolist())
+            next(loader)
+        steps.append(items)
+    return steps
+
+
+def _by_item(loader: ShardLoader, batch: dict[str, torch.Tensor], epoch: int, step: int) -> dict[int, tuple]:
+    """Each row of a fixed-length batch, keyed by the item it was cut from."""
+    items = loader.indices(epoch, step).tolist()
+    return {item: tuple(tuple(batch[k][row].tolist()) for k in sorted(batch)) for row, item in enumerate(items)}
+
+
+@pytest.mark.parametrize("name", ["mlm", "span"])
+def test_a_sample_is_batched_the_same_on_any_rank_and_world_size(name):
+    source = random_source(n_docs=60)
+    rows = []
+    for world, micro in ((1, 4), (2, 2), (4, 1)):
+        seen = {}
+        for rank in range(world):
+            loader = ShardLoader(source, BATCHERS[name], micro, 16, seed=3, rank=rank, world_size=world, global_batch=4)
+            for step in range(3):
+                seen |= _by_item(loader, loader.batch(0, step), 0, step)
+        rows.append(seen)
+    assert len(rows[0]) == 12 and rows[0] == rows[1] == rows[2], "masking must depend on the sample, not the rank"
+    again = ShardLoader(source, BATCHERS[name], 4, 16, seed=3, global_batch=4)
+    assert _by_item(again, again.batch(1, 0), 1, 0) != _by_item(again, again.batch(0, 0), 0, 0), "epochs differ"
+
+
+def test_variable_length_rows_are_padded_as_the_batcher_pads():
+    source = random_source(n_docs=12)
+    loader = ShardLoader(source, BATCHERS["denoising"], batch_size=4, seq_len=40, seed=0, by_document=True)
+    batch = next(loader)
+    reference = BATCHERS["denoising"]([loader.sample(i) for i in loader.indices(0, 0)], np.random.default_rng(0))
+    assert batch.keys() == reference.keys()
+    for key in batch:
+        assert batch[key].shape[1] >= 1 and batch[key].dtype == torch.int64
+    for row, item in enumerate(loader.indices(0, 0)):
+        doc = loader.sample(item)
+        assert batch["labels"][row, : len(doc)].tolist() == doc.tolist()
+        assert (batch["labels"][row, len(doc) :] == -100).all()
+        assert batch["decoder_attention_mask"][row].sum() == len(doc)
+        n = int(batch["attention_mask"][row].sum())
+        assert (batch["input_ids"][row, n:] == PAD).all() and (batch["input_ids"][row, :n] != PAD).all()
+
+
+@pytest.mark.parametrize("saved, resumed", [((2, 2), (1, 4)), ((1, 4), (2, 2)), ((4, 1), (2, 1))])
+def test_a_position_saved_with_one_world_size_continues_with_another(saved, resumed):
+    source = random_source(n_docs=40)  # 39 windows of 32 tokens: the epoch drops a tail of 7 under every layout
+    global_batch = 8
+
+    def ranks(world, micro):
+        return [ShardLoader(source, BATCHERS["mlm"], micro, 32, seed=1, rank=r, world_size=world,
+                            global_batch=global_batch) for r in range(world)]
+
+    def run(loaders, n):  # items of the next n optimiser steps over all ranks
+        accumulation = global_batch // (loaders[0].batch_size * loaders[0].world_size)
+        per_rank = [_global_steps(ld, accumulation, n) for ld in loaders]
+        return [set().union(*step) for step in zip(*per_rank)]
+
+    reference = run(ranks(*resumed), 12)
+    assert ranks(*resumed)[0].n_items == 39 and ranks(*resumed)[0].epoch_samples == 32, "12 steps cross epochs"
+    first = ranks(*saved)
+    assert run(first, 5) == reference[:5], "the same global batches under any world size"
+    state = json.loads(json.dumps(first[0].state_dict()))
+    then = ranks(*resumed)
+    for loader in then:
+        loader.load_state_dict(state)
+    assert run(then, 7) == reference[5:], "after resuming, the next global batches are the uninterrupted run's"
+
+
+def test_resume_refuses_positions_that_mean_other_items():
+    source = random_source(n_docs=40)
+    loader = ShardLoader(source, CausalLM(), 2, 32, seed=0, global_batch=4)
+    next(loader)
+    state = loader.state_dict()  # step 1 = sample 2: inside a step of a loader taking 4 per step
+    with pytest.raises(ValueError, match="sample 2 of epoch 0.*falls inside a step of this loader"):
+        ShardLoader(source, CausalLM(), 2, 32, seed=0, world_size=2).load_state_dict(state)
+    with pytest.raises(ValueError, match="epochs end at sample 32, ours at 36"):
+        ShardLoader(source, CausalLM(), 4, 32, seed=0, global_batch=4).load_state_dict(
+            {**state, "global_batch": 8})
+    with pytest.raises(ValueError, match="global_batch=6 must be a positive multiple of batch_size x world_size"):
+        ShardLoader(source, CausalLM(), 2, 32, seed=0, world_size=2, global_batch=6)

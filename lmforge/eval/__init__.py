@@ -1,0 +1,1 @@
+"""Evaluation: baselines, run reports, the end-to-end demo."""
