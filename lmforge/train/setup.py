@@ -80,18 +80,24 @@ def tokenizer_for(data: DataSection, cache_dir: Path | None = None, log=print, *
     return Tokenizer.load(_build_once(target, build))
 
 
-def shards_for(data: DataSection, tokenizer: Tokenizer, seed: int, cache_dir: Path | None = None,
-               log=print) -> Path:
-    cache = Path(cache_dir or default_cache_dir()) / "shards"
+def _cached(data: DataSection, tokenizer: Tokenizer, seed: int, cache_dir: Path | None, log, folder: str,
+            what: str, build) -> Path:
+    """Prepared data in `<cache>/<folder>/<key>`, built by `build(tmp)` on first use."""
+    cache = Path(cache_dir or default_cache_dir()) / folder
     key = _key(inputs=[_input_signature(s) for s in data.inputs], tokenizer=tokenizer.fingerprint,
                val_fraction=data.val_fraction, seed=seed)
     target = cache / key
     if not target.exists():
-        log(f"preparing token shards of {', '.join(data.inputs)} -> {target}")
+        log(f"preparing {what} of {', '.join(data.inputs)} -> {target}")
     cache.mkdir(parents=True, exist_ok=True)
-    _build_once(target, lambda tmp: prepare(list(data.inputs), tokenizer, tmp, val_fraction=data.val_fraction,
-                                            seed=seed, progress=False))
-    return target
+    return _build_once(target, build)
+
+
+def shards_for(data: DataSection, tokenizer: Tokenizer, seed: int, cache_dir: Path | None = None,
+               log=print) -> Path:
+    return _cached(data, tokenizer, seed, cache_dir, log, "shards", "token shards",
+                   lambda tmp: prepare(list(data.inputs), tokenizer, tmp, val_fraction=data.val_fraction,
+                                       seed=seed, progress=False))
 
 
 def open_splits(folder: Path, tokenizer: Tokenizer) -> tuple[TokenShards, TokenShards]:
@@ -105,16 +111,9 @@ def open_splits(folder: Path, tokenizer: Tokenizer) -> tuple[TokenShards, TokenS
 def pairs_for(data: DataSection, tokenizer: Tokenizer, seed: int, cache_dir: Path | None = None,
               log=print) -> Path:
     """`shards_for` for seq2seq: `data.inputs` are pair corpora or files, prepared with `prepare_pairs`."""
-    cache = Path(cache_dir or default_cache_dir()) / "pairs"
-    key = _key(inputs=[_input_signature(s) for s in data.inputs], tokenizer=tokenizer.fingerprint,
-               val_fraction=data.val_fraction, seed=seed)
-    target = cache / key
-    if not target.exists():
-        log(f"preparing (source, target) pair shards of {', '.join(data.inputs)} -> {target}")
-    cache.mkdir(parents=True, exist_ok=True)
-    _build_once(target, lambda tmp: prepare_pair_inputs(list(data.inputs), tokenizer, tmp, kind="seq2seq",
-                                                        val_fraction=data.val_fraction, seed=seed, progress=False))
-    return target
+    return _cached(data, tokenizer, seed, cache_dir, log, "pairs", "(source, target) pair shards",
+                   lambda tmp: prepare_pair_inputs(list(data.inputs), tokenizer, tmp, kind="seq2seq",
+                                                   val_fraction=data.val_fraction, seed=seed, progress=False))
 
 
 def open_pair_splits(folder: Path, tokenizer: Tokenizer) -> tuple[PairShards, PairShards]:
