@@ -39,3 +39,16 @@ class KVCache:
 
     def advance(self, n: int) -> None:
         self.pos += n
+
+    def crop(self, length: int) -> None:
+        """Forget every position from `length` on (speculative decoding drops rejected draft tokens);
+        the slots are overwritten by the next update."""
+        if not 0 <= length <= self.pos:
+            raise ValueError(f"cannot crop the KV cache to {length} positions: it holds {self.pos}")
+        self.pos = length
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Rows of the new batch are rows `index` (B,) of the old one (beam search keeps the surviving beams)."""
+        for layer in range(len(self.k)):
+            self.k[layer] = self.k[layer].index_select(0, index)
+            self.v[layer] = self.v[layer].index_select(0, index)

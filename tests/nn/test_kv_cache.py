@@ -197,3 +197,20 @@ def test_cache_stores_kv_heads_not_query_heads(name):
     assert torch.allclose(cache.k[0][:, :, :T], k, atol=1e-6), f"{name}: cached keys are not layer 0's keys"
     assert torch.allclose(cache.v[0][:, :, :T], v, atol=1e-6), f"{name}: cached values are not layer 0's values"
     assert (cache.k[0][:, :, T:] == 0).all(), "positions past the written ones must stay untouched"
+
+
+def test_crop_and_reorder():
+    cache = KVCache(n_layer=2, batch=3, n_kv_head=1, head_dim=2, max_len=4)
+    k = torch.arange(3.0)[:, None, None, None].expand(3, 1, 2, 2)  # row b holds b everywhere
+    for layer in range(2):
+        cache.update(layer, k, k + 10)
+    cache.advance(2)
+    cache.reorder(torch.tensor([2, 2, 0]))
+    assert cache.k[1][:, 0, 0, 0].tolist() == [2.0, 2.0, 0.0]
+    assert cache.v[0][:, 0, 1, 1].tolist() == [12.0, 12.0, 10.0]
+    cache.crop(1)
+    assert cache.pos == 1
+    keys, _ = cache.update(0, torch.full((3, 1, 1, 2), 7.0), torch.zeros(3, 1, 1, 2))
+    assert keys.shape[2] == 2 and keys[:, 0, 1, 0].tolist() == [7.0, 7.0, 7.0]
+    with pytest.raises(ValueError, match="cannot crop"):
+        cache.crop(5)
