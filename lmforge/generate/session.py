@@ -75,6 +75,12 @@ class DecoderSession:
         self.cache.advance(1)
         return logits[:, -1]
 
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row b of the batch becomes old row index[b] (B',): beam search keeps the surviving beams."""
+        self.ids, self.mask, self.lengths = self.ids[index], self.mask[index], self.lengths[index]
+        if self.cache is not None:
+            self.cache.reorder(index)
+
     def _recompute(self) -> torch.Tensor:
         """The reference: the whole sequence so far, positions from the mask, no cache."""
         mask = self.mask[:, :self.ids.shape[1]]
@@ -110,6 +116,16 @@ class EncoderDecoderSession:
             self.ids = torch.cat([self.ids, tokens[:, None]], dim=1)
             return self._recompute()
         return self._cached(tokens[:, None])
+
+    def reorder(self, index: torch.Tensor) -> None:
+        """Row b of the batch becomes old row index[b] (B',): beam search keeps the surviving beams."""
+        self.ids, self.source = self.ids[index], self.source[index]
+        if self.source_mask is not None:
+            self.source_mask = self.source_mask[index]
+        if self.memory is not None:
+            self.memory = self.memory[index]
+        if self.cache is not None:
+            self.cache.reorder(index)
 
     def _cached(self, tokens: torch.Tensor) -> torch.Tensor:
         B, T = tokens.shape

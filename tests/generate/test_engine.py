@@ -259,3 +259,33 @@ def test_encoder_only_models_are_refused():
     model = lmforge.build_model(lmforge.ModelConfig.from_preset("debug-bert"), seed=0)
     with pytest.raises(ValueError, match="arch='encoder'"):
         lmforge.generate(model, torch.tensor([[1, 2]]), max_new_tokens=2)
+
+
+@pytest.mark.parametrize("name", ["debug-llama", "debug-t5"])
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_session_reorder_continues_the_chosen_rows(make_model, make_ids, name, use_cache):
+    """After reorder([1, 1, 0]) the session continues rows 1, 1, 0: same logits as those rows had."""
+    from lmforge.generate.session import DecoderSession, EncoderDecoderSession
+
+    model = make_model(name).eval()
+    ids = make_ids(2, 6)
+    mask = torch.ones_like(ids)
+    if name == "debug-llama":
+        mask[0, :2] = 0
+        session = DecoderSession(model, ids, mask, max_new_tokens=4, use_cache=use_cache)
+    else:
+        mask[1, 4:] = 0
+        session = EncoderDecoderSession(model, ids, mask, max_new_tokens=4, use_cache=use_cache, start_id=0)
+    with torch.no_grad():
+        session.prefill()
+        before = session.step(torch.tensor([5, 9]))
+        session.reorder(torch.tensor([1, 1, 0]))
+        after = session.step(torch.tensor([7, 7, 7]))
+    reference = DecoderSession if name == "debug-llama" else EncoderDecoderSession
+    kwargs = {} if name == "debug-llama" else {"start_id": 0}
+    for row, old in enumerate([1, 1, 0]):
+        alone = reference(model, ids[old:old + 1], mask[old:old + 1], max_new_tokens=4, use_cache=use_cache, **kwargs)
+        with torch.no_grad():
+            alone.prefill()
+            torch.testing.assert_close(alone.step(torch.tensor([[5, 9][old]])), before[old:old + 1], atol=1e-4, rtol=0)
+            torch.testing.assert_close(alone.step(torch.tensor([7])), after[row:row + 1], atol=1e-4, rtol=0)
