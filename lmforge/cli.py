@@ -18,6 +18,8 @@ from lmforge.data.commands_prepare import prepare as data_prepare
 from lmforge.data.commands_tokenizer import eval_cmd as tokenizer_eval
 from lmforge.data.commands_tokenizer import train_cmd as tokenizer_train
 from lmforge.eval.demo import demo
+from lmforge.generate.commands import chat_cmd, generate_cmd
+from lmforge.generate.quantize import quantize_cmd
 from lmforge.train.commands import export_cmd, train_cmd
 
 
@@ -113,6 +115,9 @@ VERBS = {
     "tokenizer": {"train": tokenizer_train, "eval": tokenizer_eval},
     "train": train_cmd,
     "export": export_cmd,
+    "generate": generate_cmd,
+    "chat": chat_cmd,
+    "quantize": quantize_cmd,
     "demo": demo,
     "data": {"fetch": data_fetch, "list": data_list, "prepare": data_prepare},
 }

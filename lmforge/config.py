@@ -125,6 +125,8 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
+    decoder_start_token_id: int | None = None  # encoder-decoders: the decoder's first input (BART: eos; None:
+    # generate falls back to pad_token_id, the T5 / Marian start)
     hf_model_type: str | None = None  # which Hugging Face family save_hf writes; no effect on the model
 
     # derived in __post_init__
@@ -203,6 +205,14 @@ class ModelConfig:
                 )
         if self.n_decoder_layer is None:
             self.n_decoder_layer = self.n_layer
+        start = self.decoder_start_token_id
+        if start is not None:
+            if self.arch != "encoder_decoder":
+                raise ValueError(f"decoder_start_token_id={start!r} applies to encoder-decoders only, not "
+                                 f"arch={self.arch!r}; drop it (decoders continue the prompt's last token)")
+            if isinstance(start, bool) or not isinstance(start, int) or not 0 <= start < self.vocab_size:
+                raise ValueError(f"decoder_start_token_id={start!r} must be a token id in [0, vocab_size="
+                                 f"{self.vocab_size}); BART uses its eos id (2), T5 and Marian their pad id")
         mult = self.pad_vocab_multiple
         self.padded_vocab_size = -(-self.vocab_size // mult) * mult
 

@@ -180,3 +180,19 @@ def choose_tokens(logits: torch.Tensor, params: SamplingParams, *, seen: torch.T
     if params.greedy:
         return processed.argmax(dim=-1)
     return sample(torch.softmax(processed, dim=-1), generators)
+
+
+# -- log-probabilities ------------------------------------------------------------------------------------
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """log p(token) under the model's own distribution, log_softmax of the raw logits (B, V) in fp32, before
+    penalties, temperature and truncation (what the model believes, not what the sampler drew from). (B,)"""
+    return torch.log_softmax(logits.float(), dim=-1).gather(1, tokens[:, None])[:, 0]
+
+
+def top_logprobs(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k most likely tokens of each row and their log-probabilities (same distribution as
+    `token_logprobs`), most likely first: ids (B, k), logprobs (B, k). Ties keep torch.topk's order."""
+    values, ids = torch.topk(torch.log_softmax(logits.float(), dim=-1), k, dim=-1)
+    return ids, values

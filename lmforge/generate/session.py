@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from lmforge.nn.kv_cache import KVCache
+from lmforge.nn.kv_cache import CACHE_KINDS, make_cache
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -35,11 +35,22 @@ def _param(model: nn.Module) -> torch.Tensor:
     return next(model.parameters())
 
 
+def _check_cache_kind(cache: str) -> None:
+    if cache not in CACHE_KINDS:
+        raise ValueError(f"cache={cache!r} is not a cache kind; valid: {list(CACHE_KINDS)} (auto: a ring buffer "
+                         "for sliding-window decoders, static otherwise)")
+
+
 class DecoderSession:
-    """A decoder-only model (`DecoderLM`) continuing left-padded prompts input_ids (B, T), mask (B, T)."""
+    """A decoder-only model (`DecoderLM`) continuing left-padded prompts input_ids (B, T), mask (B, T).
+
+    cache: "static" (T + max_new_tokens - 1 slots up front), "dynamic" (grows), "sliding" (a ring buffer of
+    the model's sliding window) or "auto" (sliding for a sliding-window model, else static); see kv_cache.py.
+    """
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int,
-                 use_cache: bool) -> None:
+                 use_cache: bool, cache: str = "auto") -> None:
+        _check_cache_kind(cache)
         B, T = input_ids.shape
         self.model = model
         self.padded = not bool(mask.all())  # no padding: the model may take its mask-free fast path
@@ -50,8 +61,8 @@ class DecoderSession:
         self.cache = None
         if use_cache:  # the last new token is returned, never fed back: T + N - 1 slots suffice
             p = _param(model)
-            self.cache = KVCache.for_model(model.config, B, T + max(max_new_tokens - 1, 0), dtype=p.dtype,
-                                           device=p.device)
+            self.cache = make_cache(cache, model.config, B, T + max(max_new_tokens - 1, 0), dtype=p.dtype,
+                                    device=p.device)
 
     def prefill(self) -> torch.Tensor:
         T = self.ids.shape[1]
@@ -90,10 +101,13 @@ class DecoderSession:
 
 class EncoderDecoderSession:
     """An encoder-decoder (`EncoderDecoderLM`): the source input_ids (B, S) with mask (B, S) (right padded)
-    is encoded once; the decoder starts from `start_id` and is fed one token per step."""
+    is encoded once; the decoder starts from `start_id` and is fed one token per step. With the cache, each
+    decoder layer projects the encoder output to cross-attention keys/values once, into `cache.cross`.
+    cache: as for `DecoderSession` ("auto" is static here)."""
 
     def __init__(self, model: nn.Module, input_ids: torch.Tensor, mask: torch.Tensor, *, max_new_tokens: int,
-                 use_cache: bool, start_id: int) -> None:
+                 use_cache: bool, start_id: int, cache: str = "auto") -> None:
+        _check_cache_kind(cache)
         B = input_ids.shape[0]
         self.model = model
         self.source = input_ids
@@ -104,7 +118,7 @@ class EncoderDecoderSession:
         if use_cache:  # decoder inputs: the start token and all new tokens but the last
             p = _param(model)
             self.memory = model.encode(input_ids, self.source_mask)  # (B, S, D), reused by every step
-            self.cache = KVCache.for_model(model.config, B, max(max_new_tokens, 1), dtype=p.dtype, device=p.device)
+            self.cache = make_cache(cache, model.config, B, max(max_new_tokens, 1), dtype=p.dtype, device=p.device)
 
     def prefill(self) -> torch.Tensor:
         if self.cache is None:

@@ -44,7 +44,9 @@ class EncoderDecoderLM(nn.Module):
         cache: KVCache | None = None,
     ) -> ModelOutput:
         """input_ids (B, S) source; decoder_input_ids (B, T) target so far; attention_mask (B, S) and
-        decoder_attention_mask (B, past + T) hold 1 for real tokens; memory: a precomputed `encode`."""
+        decoder_attention_mask (B, past + T) hold 1 for real tokens; memory: a precomputed `encode`.
+        cache: the decoder's self-attention keys/values, and its cross-attention keys/values of `memory`
+        (projected on the first call and reused after it: one cache serves one source batch)."""
         if decoder_input_ids is None:
             raise ValueError("an encoder-decoder needs decoder_input_ids: call model(input_ids, decoder_input_ids)")
         if memory is None:

@@ -135,19 +135,41 @@ class Attention(nn.Module):
         cache=None,
         memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """x (B, T, d_model) -> (B, T, d_model). Self-attention writes its keys/values to `cache` (if any);
+        cross-attention projects `memory` (B, S, d_model) once per cache and reuses `cache.cross`."""
         B, T, _ = x.shape
+        H, K, D = self.n_head, self.n_kv_head, self.head_dim
         if self.cross:
-            q = self.q(x)
-            k, v = self.kv(memory).split(self.split[1:], dim=-1)
+            q = self.q(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
+            k, v = self._cross_kv(memory, cache)  # (B, K, S, D)
         else:
-            q, k, v = self.qkv(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, k.shape[1], self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, K, S, D)
-        v = v.view(B, v.shape[1], self.n_kv_head, self.head_dim).transpose(1, 2)
-        if rope is not None:
-            cos, sin = (t.to(q.dtype) for t in rope)
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            # One view of the fused projection, heads first, sliced into q | k | v: fewer small ops than
+            # split + three views + three transposes, and RoPE rotates q and k in one call.
+            qkv = self.qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D)
+            if rope is not None:
+                cos, sin = rope
+                if cos.dtype != qkv.dtype:  # fp32 tables, bf16 activations under autocast
+                    cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+                q, k = apply_rope(qkv.narrow(1, 0, H + K), cos, sin).split([H, K], dim=1)  # (B, H|K, T, D)
+            else:
+                q, k = qkv.narrow(1, 0, H), qkv.narrow(1, H, K)
+            v = qkv.narrow(1, H + K, K)  # (B, K, T, D)
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D): cached keys and these
+        y = self.attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0)  # (B, H, T, D)
+        return self.o(y.transpose(1, 2).reshape(B, T, H * D))
+
+    def _cross_kv(self, memory: torch.Tensor | None, cache) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's keys and values (B, K, S, D): from `cache.cross` when this generation has projected
+        them already, else projected now (and stored in the cache, if any)."""
+        if cache is not None and cache.cross[self.layer_idx] is not None:
+            return cache.cross[self.layer_idx]
+        if memory is None:
+            raise ValueError("cross-attention needs memory (the encoder output, B x S x d_model): pass "
+                             "model.encode(input_ids) or the source input_ids")
+        B, S, _ = memory.shape
+        kv = self.kv(memory).view(B, S, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, 2K, S, D)
+        k, v = kv[:, :self.n_kv_head], kv[:, self.n_kv_head:]
         if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # (B, K, past + T, D)
-        y = self.attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+            cache.cross[self.layer_idx] = (k, v)
+        return k, v

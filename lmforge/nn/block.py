@@ -36,8 +36,10 @@ class Block(nn.Module):
 
     def _residual(self, x: torch.Tensor, norm: nn.Module, fn: Callable[[torch.Tensor], torch.Tensor]):
         if self.pre_norm:
-            return x + self.drop(fn(norm(x)))
-        return norm(x + self.drop(fn(x)))
+            y = fn(norm(x))
+            return x + (self.drop(y) if self.training else y)  # eval: skip the no-op dropout call
+        y = fn(x)
+        return norm(x + (self.drop(y) if self.training else y))
 
     def forward(
         self,
@@ -52,7 +54,9 @@ class Block(nn.Module):
         x = self._residual(x, self.attn_norm, lambda h: self.attn(h, mask, rope=rope, cache=cache))
         if self.cross:
             memory_mask = AttentionMask() if memory_mask is None else memory_mask  # None: every memory key visible
-            x = self._residual(x, self.cross_norm, lambda h: self.cross_attn(h, memory_mask, memory=memory))
+            # the cache (if any) holds this layer's projected memory after the first step
+            x = self._residual(x, self.cross_norm,
+                               lambda h: self.cross_attn(h, memory_mask, memory=memory, cache=cache))
         aux: dict[str, torch.Tensor] = {}
         if self.is_moe:
             def ffn(h: torch.Tensor) -> torch.Tensor:

@@ -244,6 +244,43 @@ def test_prompt_errors(make_model, make_ids):
         lmforge.generate(model, torch.tensor([[1.0, 2.0]]), max_new_tokens=4)
 
 
+@pytest.mark.parametrize("name", ["debug-llama", "debug-gpt2"])  # RoPE and a learned table: the same limit
+def test_context_is_enforced_for_every_position_kind(name, make_model, make_ids):
+    model = make_model(name, position={"max_seq_len": 32})
+    with pytest.raises(ValueError, match=r"the prompt has 40 tokens but the model's context holds 32 positions"
+                                         r".*truncate_prompt=True"):
+        lmforge.generate(model, make_ids(1, 40), max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"30 tokens plus max_new_tokens=8 needs 37 .* lower max_new_tokens to 3 "
+                                         r"or .*truncate_prompt=True"):
+        lmforge.generate(model, make_ids(1, 30), max_new_tokens=8)
+    assert lmforge.generate(model, make_ids(1, 30), max_new_tokens=3, eos_token_id=[]).shape == (1, 3)
+
+
+def test_truncate_prompt_keeps_the_last_tokens(make_model, make_ids):
+    """A decoder keeps each row's last limit - max_new_tokens + 1 tokens, padded rows included."""
+    model = make_model("debug-llama", position={"max_seq_len": 32})
+    long, short = make_ids(1, 45, seed=3)[0], make_ids(1, 10, seed=4)[0]
+    ids, mask = _left_pad([long, short])
+    kw = dict(max_new_tokens=8, temperature=0.0, eos_token_id=[])
+    cut = lmforge.generate(model, ids, attention_mask=mask, truncate_prompt=True, **kw)
+    assert torch.equal(cut[0], lmforge.generate(model, long[-25:][None], **kw)[0]), "row 0 must keep its last 25 tokens"
+    assert torch.equal(cut[1], lmforge.generate(model, short[None], **kw)[0]), "a row that fits must not change"
+    with pytest.raises(ValueError, match="lower max_new_tokens to 32"):  # no prompt leaves room for 40 new tokens
+        lmforge.generate(model, ids, attention_mask=mask, truncate_prompt=True, max_new_tokens=40)
+
+
+def test_truncate_source_keeps_the_first_tokens(make_model, make_ids):
+    model = make_model("debug-t5", position={"max_seq_len": 16})
+    src = make_ids(1, 20)
+    with pytest.raises(ValueError, match=r"the source has 20 tokens .* holds 16 .*keep its first tokens"):
+        lmforge.generate(model, src, max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"max_new_tokens=17 needs 17 .* lower max_new_tokens to 16"):
+        lmforge.generate(model, src[:, :5], max_new_tokens=17)
+    kw = dict(max_new_tokens=6, temperature=0.0, eos_token_id=[])
+    assert torch.equal(lmforge.generate(model, src, truncate_prompt=True, **kw),
+                       lmforge.generate(model, src[:, :16], **kw))
+
+
 def test_encoder_decoder_errors(make_model, make_ids):
     model = make_model("debug-t5")
     with pytest.raises(ValueError, match=r"row 0 has padding on the left.*right padding"):
@@ -253,6 +290,22 @@ def test_encoder_decoder_errors(make_model, make_ids):
         lmforge.generate(model, make_ids(1, 3), max_new_tokens=4)
     out = lmforge.generate(model, make_ids(1, 3), max_new_tokens=4, decoder_start_token_id=0, temperature=0.0)
     assert out.shape[0] == 1
+
+
+def test_decoder_start_token_id_in_the_config(make_model, make_ids):
+    """The config's start id is used (BART starts from eos), and validated."""
+    model = make_model("debug-t5")
+    ids = make_ids(1, 5)
+    kw = dict(max_new_tokens=6, temperature=0.0, eos_token_id=[])
+    from_pad = lmforge.generate(model, ids, **kw)
+    model.config.decoder_start_token_id = 7
+    from_config = lmforge.generate(model, ids, **kw)
+    assert torch.equal(from_config, lmforge.generate(model, ids, decoder_start_token_id=7, **kw))
+    assert not torch.equal(from_config, from_pad), "starting from 7 or from <pad> should not give the same tokens"
+    with pytest.raises(ValueError, match=r"decoder_start_token_id=300 must be a token id in \[0, vocab_size=256\)"):
+        lmforge.ModelConfig.from_preset("debug-t5", decoder_start_token_id=300)
+    with pytest.raises(ValueError, match="decoder_start_token_id=0 applies to encoder-decoders only"):
+        lmforge.ModelConfig.from_preset("debug-llama", decoder_start_token_id=0)
 
 
 def test_encoder_only_models_are_refused():
@@ -289,3 +342,41 @@ def test_session_reorder_continues_the_chosen_rows(make_model, make_ids, name, u
             alone.prefill()
             torch.testing.assert_close(alone.step(torch.tensor([[5, 9][old]])), before[old:old + 1], atol=1e-4, rtol=0)
             torch.testing.assert_close(alone.step(torch.tensor([7])), after[row:row + 1], atol=1e-4, rtol=0)
+
+
+def test_generate_dispatches_to_beam_search_and_speculative_decoding(make_model, make_ids):
+    from lmforge.generate.beam import beam_search
+    from lmforge.generate.speculative import speculative_generate
+
+    model, ids = make_model("debug-llama").eval(), make_ids(2, 5)
+    beams = lmforge.generate(model, ids, max_new_tokens=6, num_beams=3, num_return_sequences=2, eos_token_id=[])
+    assert torch.equal(beams, beam_search(model, ids, num_beams=3, num_return_sequences=2, max_new_tokens=6,
+                                          eos_token_id=[]).sequences)
+    draft = make_model("debug-llama", seed=1).eval()
+    spec = lmforge.generate(model, ids[:1], max_new_tokens=8, temperature=0.0, draft_model=draft, num_draft_tokens=3)
+    assert torch.equal(spec, lmforge.generate(model, ids[:1], max_new_tokens=8, temperature=0.0))
+    assert torch.equal(spec, speculative_generate(model, ids[:1], max_new_tokens=8, temperature=0.0,
+                                                  draft_model=draft, num_draft_tokens=3)[0])
+    with pytest.raises(ValueError, match="top_p=0.5 has no meaning for beam search"):
+        lmforge.generate(model, ids, max_new_tokens=2, num_beams=2, top_p=0.5)
+    with pytest.raises(ValueError, match="do not combine"):
+        lmforge.generate(model, ids[:1], max_new_tokens=2, num_beams=2, prompt_lookup=2)
+    with pytest.raises(ValueError, match="does not support"):
+        lmforge.generate(model, ids[:1], max_new_tokens=2, prompt_lookup=2, return_logprobs=True)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic", "sliding", "auto"])
+def test_generate_cache_kinds_give_the_reference_tokens(make_model, make_ids, cache):
+    model = make_model("debug-mistral", **{"attention.sliding_window": 4})
+    ids, mask = make_ids(2, 9), torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    reference = lmforge.generate(model, ids, attention_mask=mask, max_new_tokens=12, temperature=0.0, use_cache=False)
+    got = lmforge.generate(model, ids, attention_mask=mask, max_new_tokens=12, temperature=0.0, cache=cache)
+    assert torch.equal(got, reference)
+
+
+def test_generate_refuses_an_unknown_cache_kind(make_model, make_ids):
+    from lmforge.generate import stream
+
+    with pytest.raises(ValueError, match="cache='paged' is not a KV cache kind"):
+        stream(make_model("debug-llama"), make_ids(1, 3), max_new_tokens=2, cache="paged")

@@ -19,6 +19,12 @@ CASES = {
                                                           bos_token_id=1, eos_token_id=2)),
     "t5": ("T5Config", "AutoModelForSeq2SeqLM", dict(
         d_model=32, d_kv=8, d_ff=48, num_layers=2, num_decoder_layers=2, num_heads=4, decoder_start_token_id=0)),
+    # BART starts decoding from </s> (decoder_start_token_id=2, read from config.json); forced_eos_token_id off
+    # so HF does not overwrite the last of the NEW tokens with eos
+    "bart": ("BartConfig", "AutoModelForSeq2SeqLM", dict(
+        d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=48, decoder_ffn_dim=48, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+        eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None)),
 }
 
 
@@ -75,11 +81,14 @@ def test_repetition_penalty_equals_hf(case, tmp_path):
     assert torch.equal(mine, theirs), f"{case}:\nlmforge:      {mine.tolist()}\ntransformers: {theirs.tolist()}"
 
 
+@pytest.mark.parametrize("case", ["t5", "bart"])
 @pytest.mark.parametrize("penalty", [1.0, 2.0])
-def test_greedy_equals_hf_generate_for_t5(penalty, tmp_path):
-    """This tiny T5 repeats one token under plain greedy decoding; a repetition penalty makes the
-    comparison cover 20 different tokens (and checks the penalty on the decoder's tokens against HF's)."""
-    hf, ours = _hf_and_ours("t5", tmp_path)
+def test_greedy_equals_hf_generate_for_encoder_decoders(case, penalty, tmp_path):
+    """The tiny T5 repeats one token under plain greedy decoding; a repetition penalty makes the
+    comparison cover 20 different tokens (and checks the penalty on the decoder's tokens against HF's).
+    Each starts from its own decoder_start_token_id (T5: pad 0, BART: eos 2), which `lmforge.load` reads."""
+    hf, ours = _hf_and_ours(case, tmp_path)
+    assert ours.config.decoder_start_token_id == hf.config.decoder_start_token_id
     g = torch.Generator().manual_seed(2)
     src = torch.randint(3, VOCAB, (2, 9), generator=g)
     mask = torch.ones_like(src)
@@ -89,7 +98,7 @@ def test_greedy_equals_hf_generate_for_t5(penalty, tmp_path):
     for use_cache in (True, False):
         mine = lmforge.generate(ours, src, attention_mask=mask, max_new_tokens=NEW, temperature=0.0,
                                 repetition_penalty=penalty, use_cache=use_cache)
-        assert torch.equal(mine, theirs), f"t5 (use_cache={use_cache}):\nlmforge:      {mine.tolist()}\n" \
+        assert torch.equal(mine, theirs), f"{case} (use_cache={use_cache}):\nlmforge:      {mine.tolist()}\n" \
             f"transformers: {theirs.tolist()}"
     if penalty > 1:
-        assert all(len(set(row)) >= 10 for row in theirs.tolist()), f"t5: trivial output {theirs.tolist()}"
+        assert all(len(set(row)) >= 10 for row in theirs.tolist()), f"{case}: trivial output {theirs.tolist()}"

@@ -188,3 +188,19 @@ def test_invalid_values_are_named(kw, match):
 def test_seed_list_must_match_the_batch():
     with pytest.raises(ValueError, match="one int per row"):
         make_generators([1, 2], 3)
+
+
+def test_token_and_top_logprobs_are_log_softmax():
+    from lmforge.generate.sampling import token_logprobs, top_logprobs
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0)) * 3
+    reference = torch.log_softmax(logits.double(), dim=-1)
+    chosen = torch.tensor([4, 0, 49])
+    torch.testing.assert_close(token_logprobs(logits, chosen), reference[torch.arange(3), chosen].float())
+    ids, lps = top_logprobs(logits, 5)
+    assert ids.shape == lps.shape == (3, 5)
+    assert torch.equal(ids[:, 0], logits.argmax(-1)), "the most likely token comes first"
+    assert bool((lps[:, :-1] >= lps[:, 1:]).all()), "top log-probabilities must be sorted, most likely first"
+    torch.testing.assert_close(lps, reference.gather(1, ids).float())
+    below = reference.float().masked_fill(torch.zeros_like(logits, dtype=torch.bool).scatter(1, ids, True), -1e9)
+    assert bool((below.max(-1).values <= lps[:, -1]).all()), "a token outside the top k is more likely than one in it"

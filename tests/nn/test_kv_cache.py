@@ -1,5 +1,6 @@
 """KV cache: a prefill plus decode steps (or chunks) through the cache must reproduce the full forward's
-logits and greedy tokens, for every decoder debug preset; the cache stores K heads and refuses overflow."""
+logits and greedy tokens, for every decoder debug preset and cache kind (static, dynamic, and the ring buffer
+for the sliding-window preset); the cache stores K heads, refuses overflow, grows, crops and reorders."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 
 import lmforge
-from lmforge.nn.kv_cache import KVCache
+from lmforge.nn.kv_cache import DynamicKVCache, KVCache, SlidingWindowKVCache, make_cache
 from lmforge.nn.positions import apply_rope
 
 PRESETS = ["debug-gpt2", "debug-llama", "debug-mistral", "debug-mixtral", "debug-qwen2"]
@@ -32,9 +33,13 @@ def _ids(batch: int = 2, seq: int = SEQ, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 256, (batch, seq), generator=torch.Generator().manual_seed(seed))
 
 
-def _run_chunks(model, cfg, ids: torch.Tensor, sizes: list[int], **kw) -> torch.Tensor:
+def _kinds(name: str) -> list[str]:
+    return ["static", "dynamic"] + (["sliding"] if name == "debug-mistral" else [])
+
+
+def _run_chunks(model, cfg, ids: torch.Tensor, sizes: list[int], kind: str = "static", **kw) -> torch.Tensor:
     """Feed ids through a fresh cache in chunks of the given sizes; the caller's loop advances the cache."""
-    cache = KVCache.for_model(cfg, ids.shape[0], ids.shape[1])
+    cache = make_cache(kind, cfg, ids.shape[0], ids.shape[1])
     outs, start = [], 0
     with torch.no_grad():
         for n in sizes:
@@ -53,10 +58,11 @@ def test_prefill_then_decode_matches_full_forward(name):
     with torch.no_grad():
         full = model(ids).logits
     prefix = 6
-    cached = _run_chunks(model, cfg, ids, [prefix] + [1] * (SEQ - prefix))
-    diff = (cached - full).abs().max(dim=-1).values.max(dim=0).values  # (T,)
-    assert diff.max() < TOL, f"{name}: cached decode differs from the full forward by {diff.max():.2e}; " \
-        f"worst position {int(diff.argmax())} (prefix {prefix})"
+    for kind in _kinds(name):
+        cached = _run_chunks(model, cfg, ids, [prefix] + [1] * (SEQ - prefix), kind)
+        diff = (cached - full).abs().max(dim=-1).values.max(dim=0).values  # (T,)
+        assert diff.max() < TOL, f"{name}, {kind} cache: cached decode differs from the full forward by " \
+            f"{diff.max():.2e}; worst position {int(diff.argmax())} (prefix {prefix})"
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -67,9 +73,11 @@ def test_chunked_prefill_matches_full_forward(name):
     with torch.no_grad():
         full = model(ids).logits
     for sizes in ([5, 3, 4, 1, 7], [1, 2, 3, 14], [10, 10]):
-        cached = _run_chunks(model, cfg, ids, sizes)
-        diff = (cached - full).abs().max().item()
-        assert diff < TOL, f"{name}: chunked prefill {sizes} differs from the full forward by {diff:.2e}"
+        for kind in _kinds(name):
+            cached = _run_chunks(model, cfg, ids, sizes, kind)
+            diff = (cached - full).abs().max().item()
+            assert diff < TOL, f"{name}, {kind} cache: chunked prefill {sizes} differs from the full forward " \
+                f"by {diff:.2e}"
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -214,3 +222,72 @@ def test_crop_and_reorder():
     assert keys.shape[2] == 2 and keys[:, 0, 1, 0].tolist() == [7.0, 7.0, 7.0]
     with pytest.raises(ValueError, match="cannot crop"):
         cache.crop(5)
+
+
+def test_dynamic_cache_grows_geometrically_and_keeps_its_contents():
+    cache = DynamicKVCache(n_layer=1, batch=1, n_kv_head=1, head_dim=2)
+    capacities, n = set(), 100
+    for p in range(n):
+        k = torch.full((1, 1, 1, 2), float(p))
+        keys, values = cache.update(0, k, -k)
+        cache.advance(1)
+        capacities.add(cache.k[0].shape[2])
+        assert keys[0, 0, :, 0].tolist() == [float(i) for i in range(p + 1)], f"contents lost at position {p}"
+        assert torch.equal(values, -keys)
+    assert len(capacities) <= 8, f"capacity must double, not grow per token: saw {sorted(capacities)}"
+    assert max(capacities) < 2 * n
+    cache.crop(10)  # like the static cache: later writes overwrite from position 10
+    keys, _ = cache.update(0, torch.full((1, 1, 3, 2), -1.0), torch.zeros(1, 1, 3, 2))
+    assert keys.shape[2] == 13 and keys[0, 0, 9:, 0].tolist() == [9.0, -1.0, -1.0, -1.0]
+
+
+def test_ring_buffer_slots_hold_the_newest_positions():
+    cache = SlidingWindowKVCache(n_layer=1, batch=1, n_kv_head=1, head_dim=1, window=3, spare=1)  # 4 slots
+    assert cache.key_positions(2).tolist() == [-4, -3, -2, -1, 0, 1], "empty slots read as negative positions"
+    for p in range(7):
+        cache.update(0, torch.full((1, 1, 1, 1), float(p)), torch.zeros(1, 1, 1, 1))
+        cache.advance(1)
+    assert cache.k[0].flatten().tolist() == [4.0, 5.0, 6.0, 3.0], "position p lives in slot p % 4"
+    assert cache.key_positions(1).tolist() == [4, 5, 6, 7], "a single token is written first: slot 3 holds 7"
+    assert cache.key_positions(3).tolist() == [4, 5, 6, 3, 7, 8, 9], "a chunk sees the ring, then itself"
+    keys, _ = cache.update(0, torch.tensor([7.0, 8.0, 9.0]).view(1, 1, 3, 1), torch.zeros(1, 1, 3, 1))
+    assert keys.flatten().tolist() == [4.0, 5.0, 6.0, 3.0, 7.0, 8.0, 9.0]
+    assert cache.k[0].flatten().tolist() == [8.0, 9.0, 6.0, 7.0], "the chunk's last 4 keys are kept"
+
+
+def test_ring_buffer_crop_and_its_limit():
+    cache = SlidingWindowKVCache(n_layer=1, batch=1, n_kv_head=1, head_dim=1, window=4, spare=2)
+    cache.advance(20)
+    cache.crop(17)  # 3 back = spare + 1: positions 14..16 (the window before 17) are still held
+    assert cache.pos == 17
+    with pytest.raises(ValueError, match=r"back to 13.*hold positions 11\.\.16.*needs 10\.\.12.*spare >= 3"):
+        cache.crop(13)
+    with pytest.raises(ValueError, match="cannot crop the KV cache to 18"):
+        cache.crop(18)
+    short = SlidingWindowKVCache(n_layer=1, batch=1, n_kv_head=1, head_dim=1, window=4)
+    short.advance(3)
+    short.crop(0)  # nothing overwritten yet: any crop works before the ring wraps
+
+
+def test_cache_errors_name_the_fix():
+    cfg = lmforge.ModelConfig.from_preset("debug-llama")
+    with pytest.raises(ValueError, match=r"cache='paged' is not a cache kind; valid: \['auto', 'static', 'dynamic'"):
+        make_cache("paged", cfg, 1, 8)
+    with pytest.raises(ValueError, match="needs a model with attention.sliding_window"):
+        make_cache("sliding", cfg, 1, 8)
+    with pytest.raises(ValueError, match="window >= 1"):
+        SlidingWindowKVCache(n_layer=1, batch=1, n_kv_head=1, head_dim=1, window=0)
+    with pytest.raises(ValueError, match="spare=-1"):
+        SlidingWindowKVCache(n_layer=1, batch=1, n_kv_head=1, head_dim=1, window=2, spare=-1)
+    assert type(make_cache("auto", lmforge.ModelConfig.from_preset("debug-mistral"), 1, 8)) is SlidingWindowKVCache
+    assert type(make_cache("auto", cfg, 1, 8)) is KVCache
+
+
+def test_reorder_moves_cross_attention_keys_and_values():
+    cache = KVCache(n_layer=2, batch=3, n_kv_head=1, head_dim=2, max_len=4)
+    rows = torch.arange(3.0)[:, None, None, None].expand(3, 1, 5, 2)  # (B, K, S, D), row b holds b
+    cache.cross[1] = (rows, rows + 10)
+    cache.reorder(torch.tensor([2, 0, 0]))
+    assert cache.cross[0] is None
+    assert cache.cross[1][0][:, 0, 0, 0].tolist() == [2.0, 0.0, 0.0]
+    assert cache.cross[1][1][:, 0, 4, 1].tolist() == [12.0, 10.0, 10.0]

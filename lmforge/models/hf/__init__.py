@@ -67,12 +67,17 @@ def from_hf_state(hf_config: dict, hf_state: dict[str, torch.Tensor], *, device:
 
 def load(path: str | Path, *, allow_pickle: bool = False, device: torch.device | str = "cpu",
          dtype: torch.dtype = torch.float32) -> nn.Module:
-    """Load a Hugging Face checkpoint folder (config.json + safetensors) or a Llama-family .gguf file."""
+    """Load a Hugging Face checkpoint folder (config.json + safetensors), a Llama-family .gguf file, or a
+    quantised folder written by `lmforge.models.quantize.save_quantized`."""
     path = Path(path)
     if path.is_file() and path.suffix == ".gguf":
         hf_config, hf_state = read_gguf(path)
     elif path.is_dir():
         hf_config = read_config(path)
+        if "quantization" in hf_config and "lmforge_config" in hf_config:  # our quantised format
+            from lmforge.models.quantize import load_quantized
+
+            return load_quantized(path, device=device, dtype=dtype)
         adapter_for(hf_config.get("model_type"))  # fail on an unsupported family before reading weights
         hf_state = read_weights(path, allow_pickle=allow_pickle)
     else:

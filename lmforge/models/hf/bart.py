@@ -102,7 +102,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         embed_scale=math.sqrt(d_model) if d.get("scale_embedding", False) else 1.0,
         embed_norm=model_type == "bart", final_norm=False, dropout=d.get("dropout", 0.0),
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id"), pad_token_id=d.get("pad_token_id"),
-        hf_model_type=model_type,
+        decoder_start_token_id=d.get("decoder_start_token_id"), hf_model_type=model_type,
     )
 
 
@@ -137,9 +137,12 @@ def config_to_hf(cfg: ModelConfig, model_type: str) -> dict[str, Any]:
         bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
         forced_eos_token_id=cfg.eos_token_id,
     )
-    # Generation starts from </s> in BART, from <pad> in Marian (their conversion scripts). transformers
-    # requires an int here: without one, config.json leaves its default and generate() needs it passed.
-    start = cfg.eos_token_id if bart else cfg.pad_token_id
+    # Generation starts from </s> in BART, from <pad> in Marian (their conversion scripts) unless the config
+    # names its start. transformers requires an int here: without one, config.json leaves its default and
+    # generate() needs it passed.
+    start = cfg.decoder_start_token_id
+    if start is None:
+        start = cfg.eos_token_id if bart else cfg.pad_token_id
     if isinstance(start, int):
         out["decoder_start_token_id"] = start
     if not bart:

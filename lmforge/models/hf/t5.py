@@ -70,6 +70,7 @@ def config_from_hf(d: dict[str, Any]) -> ModelConfig:
         dropout=d.get("dropout_rate", 0.0), init_scheme="fan_in",
         bos_token_id=d.get("bos_token_id"), eos_token_id=d.get("eos_token_id", 1),
         pad_token_id=d.get("pad_token_id", 0), hf_model_type="t5",
+        decoder_start_token_id=d.get("decoder_start_token_id") if arch == "encoder_decoder" else None,
     )
 
 
@@ -98,6 +99,9 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         require(cfg, condition, what, "t5")
     scaled = _scaled(cfg)
     pad = cfg.pad_token_id
+    start = cfg.decoder_start_token_id
+    if start is None:  # T5 starts decoding from <pad>
+        start = 0 if pad is None else pad
     return dict(
         vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=a.head_dim, d_ff=m.d_ff, num_layers=cfg.n_layer,
         num_decoder_layers=cfg.n_decoder_layer, num_heads=a.n_head,
@@ -109,7 +113,7 @@ def config_to_hf(cfg: ModelConfig) -> dict[str, Any]:
         # builds for tie_word_embeddings=False) is told to it as untied, so it warns that lm_head is missing
         tie_word_embeddings=scaled or cfg.arch == "encoder", scale_decoder_outputs=scaled,
         is_encoder_decoder=cfg.arch == "encoder_decoder", use_cache=cfg.arch == "encoder_decoder",
-        decoder_start_token_id=0 if pad is None else pad, pad_token_id=pad, eos_token_id=cfg.eos_token_id,
+        decoder_start_token_id=start, pad_token_id=pad, eos_token_id=cfg.eos_token_id,
         bos_token_id=cfg.bos_token_id,
     )
 
