@@ -36,7 +36,7 @@ import torch  # noqa: E402
 import lmforge  # noqa: E402
 
 SMALL = {"d_model": 384, "n_layer": 6, "vocab_size": 8192, "attention.n_head": 6, "attention.n_kv_head": 6,
-         "mlp.d_ff": 1024, "position.max_seq_len": 2048}  # the 6-layer, 384-wide model
+         "tie_embeddings": False, "mlp.d_ff": 1024, "position.max_seq_len": 2048}  # the 6-layer, 384-wide model
 
 
 def stream_bandwidth(mb: int = 512, repeats: int = 7) -> float:

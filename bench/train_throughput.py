@@ -1,10 +1,20 @@
 """Training throughput and MFU of lmforge vs Hugging Face transformers on the same configs, same run.
 
-    .venv/bin/python bench/train_throughput.py [--layers 6 --width 384 --vocab 8192 --seq 256 --batch 8]
+    .venv/bin/python bench/train_throughput.py                              # 3 sizes x {gpt2, llama} x {fp32, bf16}
+    .venv/bin/python bench/train_throughput.py --sizes 6x384 --families llama --dtypes bf16 --repeats 9
 
-For a GPT-2-style and a Llama-style model of the same size, times forward + backward + AdamW steps
-of both implementations (interleaved, after warm-up) in fp32 and bf16 autocast, and prints median
-tokens/s, MFU against the matmul peak measured in this run, and the ratio lmforge / HF.
+Each size is LAYERSxWIDTH (heads of 64, MLP 4 x width, vocab --vocab, --seq tokens, --batch sequences);
+the default covers a smaller model, the issue's 6 x 384 and a larger one. For every (family, size, dtype)
+one training step is forward + loss + backward + optimiser step, each side with its own training path:
+lmforge with `lmforge.train.loss.token_loss` and `lmforge.train.optim.make_optimizer` (fused AdamW where
+the device has it); HF with the same cross-entropy (float logits, summed over the batch's tokens) and
+`torch.optim.AdamW(fused=True)`, the `adamw_torch_fused` default of HF's Trainer on torch >= 2.8. bf16
+means autocast with fp32 master weights on both sides.
+
+Timing: after warm-up, rounds of (lmforge step, HF step, one peak matmul) are interleaved so machine noise
+hits all three alike; the table shows medians over the rounds: tokens/s, MFU (model FLOPs per token, as
+`lmforge.train.flops.flops_per_token`, over the median peak of a 2048 x 2048 matmul of the same dtype,
+timed in the same rounds) and the ratio lmforge / HF.
 """
 
 from __future__ import annotations
@@ -22,62 +32,120 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import lmforge  # noqa: E402
-from lmforge.train.flops import flops_per_token, measure_peak_flops  # noqa: E402
+from lmforge.train.flops import flops_per_token  # noqa: E402
+from lmforge.train.loss import token_loss  # noqa: E402
+from lmforge.train.optim import OptimConfig, make_optimizer  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FAMILIES = {"gpt2": "debug-gpt2", "llama": "debug-llama"}
+PEAK_SIZE = 2048
 
 
-def _step_fn(model, ids, dtype, is_hf: bool):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def _size(text: str) -> tuple[int, int]:
+    try:
+        layers, width = (int(part) for part in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be LAYERSxWIDTH, e.g. 6x384") from None
+    if layers < 1 or width < 64 or width % 64:
+        raise argparse.ArgumentTypeError(f"size {text!r}: need >= 1 layer and a width that is a multiple of 64 "
+                                         "(heads of 64)")
+    return layers, width
+
+
+def _step_fn(model, ids: torch.Tensor, dtype: torch.dtype, ours: bool):
+    """One training step: forward (autocast for bf16), summed token cross-entropy / tokens, backward, AdamW."""
+    if ours:
+        optimizer = make_optimizer(model, OptimConfig(lr=1e-4))
+    else:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    inputs, labels = ids[:, :-1], ids[:, 1:]
 
     def step() -> None:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            logits = model(ids[:, :-1]).logits
-        loss = F.cross_entropy(logits.float().flatten(0, 1), ids[:, 1:].flatten())
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            logits = model(inputs).logits
+        if ours:
+            loss_sum, n = token_loss(logits, labels)
+        else:
+            loss_sum = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), reduction="sum")
+            n = labels.numel()
+        (loss_sum / n).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
     return step
 
 
-def main() -> None:
+def _peak_fn(dtype: torch.dtype):
+    a, b = torch.randn(PEAK_SIZE, PEAK_SIZE).to(dtype), torch.randn(PEAK_SIZE, PEAK_SIZE).to(dtype)
+    out = torch.empty(PEAK_SIZE, PEAK_SIZE, dtype=dtype)
+    return lambda: torch.mm(a, b, out=out)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def run(family: str, layers: int, width: int, dtype_name: str, args) -> dict[str, float]:
+    """Median tokens/s of both sides and the median peak FLOP/s, for one configuration."""
+    from transformers import AutoModelForCausalLM
+
+    overrides = dict(n_layer=layers, d_model=width, vocab_size=args.vocab,
+                     attention={"n_head": width // 64, "n_kv_head": width // 64},
+                     mlp={"d_ff": 4 * width}, position={"max_seq_len": max(args.seq, 256)})
+    cfg = lmforge.ModelConfig.from_preset(FAMILIES[family], **overrides)
+    dtype = DTYPES[dtype_name]
+    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1), generator=torch.Generator().manual_seed(0))
+    ours = lmforge.build_model(cfg, seed=0).train()
+    with tempfile.TemporaryDirectory() as tmp:
+        lmforge.save_hf(ours, tmp)
+        hf = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").train()
+    fns = {"lmforge": _step_fn(ours, ids, dtype, True), "HF": _step_fn(hf, ids, dtype, False),
+           "peak": _peak_fn(dtype)}
+    for _ in range(args.warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(args.repeats):  # interleaved so machine noise hits all alike
+        for name, fn in fns.items():
+            times[name].append(_timed(fn))
+    tokens = args.batch * args.seq
+    result = {name: tokens / statistics.median(times[name]) for name in ("lmforge", "HF")}
+    result["peak"] = 2 * PEAK_SIZE**3 / statistics.median(times["peak"])
+    result["flops_per_token"] = flops_per_token(cfg, args.seq)
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--sizes", type=_size, nargs="+", default=[(4, 256), (6, 384), (8, 512)],
+                        help="LAYERSxWIDTH models to time (default: 4x256 6x384 8x512; the issue's is 6x384)")
+    parser.add_argument("--families", nargs="+", choices=sorted(FAMILIES), default=["gpt2", "llama"])
+    parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
     parser.add_argument("--vocab", type=int, default=8192)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--repeats", type=int, default=5)
-    args = parser.parse_args()
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.randint(0, args.vocab, (args.batch, args.seq + 1))
-    tokens = args.batch * args.seq
-    for preset in ("debug-gpt2", "debug-llama"):
-        overrides = dict(n_layer=args.layers, d_model=args.width, vocab_size=args.vocab,
-                         attention={"n_head": args.width // 64, "n_kv_head": args.width // 64},
-                         mlp={"d_ff": 4 * args.width}, position={"max_seq_len": max(args.seq, 256)})
-        cfg = lmforge.ModelConfig.from_preset(preset, **overrides)
-        per_token = flops_per_token(cfg, args.seq)
-        for dtype in (torch.float32, torch.bfloat16):
-            peak = measure_peak_flops(dtype, "cpu")
-            ours = lmforge.build_model(cfg, seed=0).train()
-            with tempfile.TemporaryDirectory() as tmp:
-                lmforge.save_hf(ours, tmp)
-                hf = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").train()
-            steps = {"lmforge": _step_fn(ours, ids, dtype, False), "HF": _step_fn(hf, ids, dtype, True)}
-            for fn in steps.values():  # warm-up
-                fn()
-            times: dict[str, list[float]] = {name: [] for name in steps}
-            for _ in range(args.repeats):  # interleaved so machine noise hits both alike
-                for name, fn in steps.items():
-                    start = time.perf_counter()
-                    fn()
-                    times[name].append(time.perf_counter() - start)
-            tps = {name: tokens / statistics.median(t) for name, t in times.items()}
-            label = f"{preset.removeprefix('debug-')} L{args.layers} d{args.width} {str(dtype).split('.')[-1]}"
-            print(f"{label:28s} peak {peak / 1e9:6.0f} GFLOP/s | " + " | ".join(
-                f"{name} {v:7.0f} tok/s MFU {v * per_token / peak:5.1%}" for name, v in tps.items())
-                + f" | ratio {tps['lmforge'] / tps['HF']:.2f}")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (allocator, BLAS setup)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds; the table shows medians")
+    args = parser.parse_args(argv)
+    print(f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {torch.get_num_threads()} threads, "
+          f"median of {args.repeats} interleaved rounds")
+    header = f"{'config':22s} {'peak GFLOP/s':>12s} {'lmforge tok/s':>14s} {'MFU':>6s} {'HF tok/s':>9s} {'MFU':>6s}"
+    print(header + f" {'ratio':>6s}")
+    rows = []
+    for layers, width in args.sizes:
+        for family in args.families:
+            for dtype_name in args.dtypes:
+                r = run(family, layers, width, dtype_name, args)
+                mfu = {side: r[side] * r["flops_per_token"] / r["peak"] for side in ("lmforge", "HF")}
+                ratio = r["lmforge"] / r["HF"]
+                rows.append(ratio)
+                label = f"{family} {layers}x{width} {dtype_name}"
+                print(f"{label:22s} {r['peak'] / 1e9:12.0f} {r['lmforge']:14.0f} {mfu['lmforge']:6.1%} "
+                      f"{r['HF']:9.0f} {mfu['HF']:6.1%} {ratio:6.2f}", flush=True)
+    print(f"lmforge ahead of HF in {sum(r > 1 for r in rows)} of {len(rows)} configurations; "
+          f"geometric-mean ratio {statistics.geometric_mean(rows):.2f}")
 
 
 if __name__ == "__main__":

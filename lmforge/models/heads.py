@@ -52,8 +52,12 @@ class LMHead(nn.Module):
         self.bias = nn.Parameter(torch.zeros(cfg.padded_vocab_size)) if cfg.lm_head_bias else None
 
     def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> ModelOutput:
-        weight = embedding if self.proj is None else self.proj.weight
-        logits = F.linear(self.transform(hidden * self.scale), weight, self.bias)
+        scaled = hidden if self.scale == 1.0 else hidden * self.scale  # x * 1.0 == x: skip a pass and its backward
+        x = self.transform(scaled)
+        if self.proj is None:
+            logits = F.linear(x, embedding, self.bias)
+        else:  # called as a module, so a quantised projection (models/quantize.py) runs its own kernel
+            logits = self.proj(x) if self.bias is None else self.proj(x) + self.bias
         return ModelOutput(logits=logits[..., : self.vocab_size], hidden=hidden)
 
 

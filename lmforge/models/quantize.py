@@ -9,7 +9,9 @@ What is not, and why:
 - embeddings (a lookup, not a matmul; and with tied embeddings the LM head reads the same matrix);
 - the head (`head.*`: LM projection, classifiers, BERT's pooler and MLM transform): the LM head is often
   tied to the embedding, and the last projection is the most sensitive to error. `include_head=True`
-  quantises the head's Linear modules (a tied LM head has none: it reads the embedding);
+  quantises the head's Linear modules; a tied LM head (which reads the embedding matrix) gets a quantised
+  copy of that matrix as its own projection, so decoding reads 1 (int8) or 0.5 (int4) bytes per head
+  weight instead of 4, at the cost of storing the copy beside the full-precision lookup table;
 - MoE experts: `nn/moe.py` keeps them as stacked (E, F, D) parameters applied with `F.linear`, not as
   Linear modules, so they stay full precision; MoE routers stay too (small, and a routing flip changes
   which expert runs, a much larger error than the weight error itself);
@@ -51,6 +53,12 @@ def _targets(model: nn.Module, include_head: bool) -> list[str]:
     return names
 
 
+def _tied_lm_head(model: nn.Module) -> bool:
+    """A language-model head that multiplies by the embedding matrix (no Linear of its own)."""
+    head = getattr(model, "head", None)
+    return getattr(head, "proj", False) is None and hasattr(model, "embed")
+
+
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
@@ -65,6 +73,12 @@ def quantize_model(model: nn.Module, bits: int, group_size: int = 64, include_he
     if bits == 4 and group_size not in (32, 64, 128, 256):
         raise ValueError(f"int4 group_size must be 32, 64, 128 or 256 (the CPU kernel's), got {group_size}")
     names = _targets(model, include_head)
+    if include_head and _tied_lm_head(model):
+        # The head reads the embedding matrix: give it a quantised copy (the lookup table stays as it is).
+        emb = model.embed.weight
+        model.head.proj = nn.Linear(emb.shape[1], emb.shape[0], bias=False, device=emb.device, dtype=emb.dtype)
+        model.head.proj.weight.data.copy_(emb.detach())
+        names.append("head.proj")
     if not names:
         raise ValueError("the model has no nn.Linear layers left to quantise (already quantised?)")
     for name in names:
@@ -126,6 +140,9 @@ def load_quantized(folder: str | Path, *, device: torch.device | str = "cpu",
     with torch.device("meta"):
         model = model_class(cfg)(cfg)
     for name in info["modules"]:
+        if name == "head.proj" and _tied_lm_head(model):  # a quantised copy of a tied embedding
+            with torch.device("meta"):
+                model.head.proj = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         linear = model.get_submodule(name)
         if type(linear) is not nn.Linear:
             raise ValueError(f"{folder}: quantised module {name!r} is not a Linear layer of this architecture")

@@ -48,6 +48,10 @@ class GatedMLP(nn.Module):
         self.down = nn.Linear(cfg.d_ff, d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_autocast_enabled(x.device.type):
+            # autocast caches the casts of weights only: x (fp32 from the norm) would be cast for gate and
+            # again for up, and both casts' gradients added back; one cast gives the same numbers
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         return self.down(self.act(self.gate(x)) * self.up(x))
 
 

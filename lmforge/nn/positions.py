@@ -93,11 +93,26 @@ def rope_inv_freq(head_dim: int, cfg: PositionConfig) -> torch.Tensor:
     return inv_freq
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the position angle ("rotate half",
-    the GPT-NeoX/HF layout; GGUF's interleaved layout is permuted to this one on import)."""
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as written in Su et al. 2021 (§3.4.2, the efficient form) and HF's `apply_rotary_pos_emb`:
+    x cos + rotate_half(x) sin, rotate_half(x) = (-x2, x1) for the halves x1, x2 of the last dimension.
+    The oracle of `apply_rope`."""
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the position angle ("rotate half",
+    the GPT-NeoX/HF layout; GGUF's interleaved layout is permuted to this one on import).
+
+    The same numbers as `apply_rope_reference`, bit for bit, forward and backward: rotate_half(x) sin
+    = roll(x, D/2) (-s1, s2) since (-x2) s == x2 (-s) exactly. The sign goes on sin (B|1, 1, T, D, shared
+    by all heads) instead of on x, and a roll's backward is a roll, where the chunks of the reference
+    each zero-fill a full-size gradient and add them up.
+    """
+    half = x.shape[-1] // 2
+    signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # (B|1, 1, T, D)
+    return x * cos + x.roll(half, dims=-1) * signed_sin
 
 
 class RotaryPositions(NoPositions):

@@ -216,7 +216,9 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.uses_kernel or x.device.type != "cpu":
             return self.reference(x)
-        x2 = F.pad(_kernel_input(x), (0, self.padded_in - self.in_features))  # (M, I_p) bf16
+        x2 = _kernel_input(x)  # (M, I) bf16
+        if self.padded_in != self.in_features:
+            x2 = F.pad(x2, (0, self.padded_in - self.in_features))  # (M, I_p)
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
         y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(x.dtype)

@@ -6,7 +6,8 @@ the batches and how the model is called; everything below is the same for all of
 Per optimiser step: set the scheduled lr; run `accumulation` micro-batches (the loss of each is its
 token-loss sum over the GLOBAL token count of the step, so accumulation and data parallelism give
 the gradient of one big batch); clip; skip the update if the loss or gradient is not finite; step.
-Every `eval.every` steps: validation loss, perplexity and (clm) bits per byte. Every `checkpoint.every`
+Every `eval.every` steps: validation loss, perplexity and (clm) bits per byte over the first
+`eval.batches` validation batches, the same set under any number of processes. Every `checkpoint.every`
 steps: an atomic checkpoint with everything needed to continue bit for bit (weights, optimiser,
 RNG, loader position, guard). Running again with the same out folder resumes from the latest one.
 """
@@ -55,20 +56,40 @@ def _autocast(recipe: Recipe, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def eval_batches(loader: ShardLoader, n_batches: int, d: Dist):
+    """This rank's share of the validation set: yields (batch, counted) for `ceil(n_batches / world)` rounds.
+
+    The set is the first `n_batches` batches of a loader built for ONE process (rank 0 of 1, no
+    shuffle), i.e. the first `n_batches x micro_batch` validation sequences whatever the number of
+    processes; in round k rank r takes batch k x world + r. So summed over ranks the same batches are
+    evaluated as by 1 process, each with the same rows (the per-batch sums are the same numbers; only
+    the order of the float64 total differs). A rank with no batch left in the last round re-runs batch 0
+    with counted=False: every rank makes the same number of forward calls, which FSDP2's all-gathers need.
+    """
+    if loader.world_size != 1 or loader.shuffle:
+        raise ValueError("eval_batches needs the unshuffled single-process validation loader "
+                         f"(world_size=1, shuffle=False), got world_size={loader.world_size}, shuffle={loader.shuffle}")
+    for first in range(0, n_batches, d.world):
+        index = first + d.rank
+        counted = index < n_batches
+        epoch, step = divmod(index if counted else 0, loader.steps_per_epoch)  # past an epoch: wrap, as next() does
+        yield loader.batch(epoch, step), counted
+
+
 @torch.no_grad()
 def evaluate(model, loader: ShardLoader, recipe: Recipe, objective: Objective, d: Dist,
              n_bytes: float | None) -> dict[str, float]:
-    """Validation loss (nats per label token) and perplexity over the first `eval.batches`; bits per byte
-    too when `n_bytes` (the UTF-8 bytes of those labels) is given."""
+    """Validation loss (nats per label token) and perplexity over the first `eval.batches` batches of the
+    validation split (see `eval_batches`: the same set under any number of processes); bits per byte too
+    when `n_bytes` (the UTF-8 bytes of those labels) is given."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
-    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
-    for _ in range(recipe.eval.batches):
-        batch = next(loader)
+    for batch, counted in eval_batches(loader, recipe.eval.batches, d):
         with _autocast(recipe, d.device):
             out = objective.forward(model, batch, d.device)
-        loss_sum, n = token_loss(out.logits, batch["labels"].to(d.device))
-        totals += torch.stack([loss_sum.double().cpu(), n.double().cpu()])
+        if counted:
+            loss_sum, n = token_loss(out.logits, batch["labels"].to(d.device))
+            totals += torch.stack([loss_sum.double().cpu(), n.double().cpu()])
     model.train()
     loss_sum, n = d.sum(totals).tolist()
     loss = loss_sum / n
@@ -80,11 +101,9 @@ def evaluate(model, loader: ShardLoader, recipe: Recipe, objective: Objective, d
 
 def _eval_bytes(loader: ShardLoader, recipe: Recipe, tokenizer, d: Dist) -> float:
     """UTF-8 bytes of the validation labels evaluated (all ranks), for bits per byte."""
-    loader.load_state_dict({**loader.state_dict(), "epoch": 0, "step": 0})
     n = 0
-    for _ in range(recipe.eval.batches):
-        labels = next(loader)["labels"]
-        for row in labels:
+    for batch, counted in eval_batches(loader, recipe.eval.batches, d):
+        for row in batch["labels"] if counted else ():
             n += len(tokenizer.decode(row[row != IGNORE_INDEX].tolist()).encode("utf-8", "surrogatepass"))
     return float(d.sum(torch.tensor(float(n), dtype=torch.float64)).item())
 
@@ -121,7 +140,8 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
     optimizer = make_optimizer(model, recipe.optim)
     guard = NonFiniteGuard(max_consecutive=recipe.train.max_bad_steps)
     loader = objective.loader(train_src, recipe, tokenizer, rank=d.rank, world_size=d.world, shuffle=True)
-    val_loader = objective.loader(val_src, recipe, tokenizer, rank=d.rank, world_size=d.world, shuffle=False)
+    # every rank reads the whole validation order; `eval_batches` gives each its share of one fixed set
+    val_loader = objective.loader(val_src, recipe, tokenizer, shuffle=False)
 
     start = 0
     latest = ckpt.latest_checkpoint(out)

@@ -32,7 +32,9 @@ def token_loss(
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree: "
                          "logits must be labels' shape plus a vocabulary dimension")
-    flat_logits = logits.reshape(-1, logits.shape[-1]).float()  # softmax and loss in fp32 (precision policy)
+    # softmax and loss in fp32 (precision policy); cast before flattening, so that logits sliced from a padded
+    # vocabulary (not viewable as 2-D) are copied once, by the cast, instead of twice
+    flat_logits = logits.float().reshape(-1, logits.shape[-1])
     flat_labels = labels.reshape(-1)
     loss_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index,
                                label_smoothing=label_smoothing, reduction="sum")

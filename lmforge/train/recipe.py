@@ -90,7 +90,7 @@ class TrainSection:
 @dataclass
 class EvalSection:
     every: int = 50  # steps between evaluations (and at the end)
-    batches: int = 8  # validation batches per evaluation
+    batches: int = 8  # validation batches (of batch.micro_batch sequences) per evaluation, shared by the processes
 
 
 @dataclass

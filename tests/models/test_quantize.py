@@ -84,6 +84,28 @@ def test_include_head_quantises_an_untied_head():
     model = randomized("debug-mistral")  # untied embeddings
     assert type(quantize_model(randomized("debug-mistral"), 8).head.proj) is nn.Linear
     assert isinstance(quantize_model(model, 8, include_head=True).head.proj, Int8Linear)
+    reference = logits(randomized("debug-mistral"), ids())
+    rel = (logits(model, ids()) - reference).norm() / reference.norm()
+    assert rel < 0.04, f"int8 with the head quantised: relative logit error {rel:.3f}"
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_include_head_gives_a_tied_head_a_quantised_copy(tmp_path, bits):
+    """A tied head reads the embedding: include_head=True gives it a quantised copy of that matrix, the lookup
+    table stays fp32, and the folder round-trips."""
+    full = randomized("debug-llama")  # tied embeddings
+    assert full.config.tie_embeddings and full.head.proj is None
+    model = quantize_model(randomized("debug-llama"), bits, group_size=32, include_head=True)
+    assert isinstance(model.head.proj, Int8Linear if bits == 8 else Int4Linear)
+    assert model.embed.weight.dtype == torch.float32 and "head.proj" in quantization_info(model)["modules"]
+    without = quantize_model(randomized("debug-llama"), bits, group_size=32)
+    x = ids()
+    # the head adds error of its own, but not much next to the blocks'
+    rel = (logits(model, x) - logits(full, x)).norm() / logits(full, x).norm()
+    rel_without = (logits(without, x) - logits(full, x)).norm() / logits(full, x).norm()
+    assert rel < rel_without * 1.5 + 0.01, (rel, rel_without)
+    loaded = lmforge.load(save_quantized(model, tmp_path / "q"))
+    assert torch.equal(logits(loaded, x), logits(model, x))
 
 
 def test_weight_bytes_shrink():

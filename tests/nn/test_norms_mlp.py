@@ -128,6 +128,26 @@ def test_mlp_matches_formula(name, gated, bias):
     assert diff < 1e-5, f"{'gated' if gated else 'plain'} MLP with {name} differs from its formula by {diff:.2e}"
 
 
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_gated_mlp_casts_its_input_once_with_the_same_numbers(autocast):
+    """Under autocast GatedMLP casts x once for gate and up; the output and every gradient must equal the
+    plain formula, where autocast casts x for each projection."""
+    torch.manual_seed(0)
+    mlp = make_mlp(D, MLPConfig(d_ff=80, activation="silu", gated=True))
+    results = []
+    for forward in (lambda x: mlp.down(F.silu(mlp.gate(x)) * mlp.up(x)), mlp):
+        x = (torch.randn(3, 5, D, generator=torch.Generator().manual_seed(1)) * 2).requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = forward(x)
+        assert y.dtype == (torch.bfloat16 if autocast else torch.float32)
+        y.float().square().sum().backward()
+        results.append([y.detach(), x.grad] + [p.grad.clone() for p in mlp.parameters()])
+        mlp.zero_grad(set_to_none=True)
+    for name, a, b in zip(["output", "x.grad"] + [n for n, _ in mlp.named_parameters()], *results):
+        assert torch.equal(a, b), f"{name} differs from the two-cast formula by {(a - b).abs().max().item():.2e}"
+
+
 # -- registries fail with the list of valid keys ------------------------------------------------------------
 
 

@@ -15,6 +15,7 @@ from lmforge.nn.positions import (
     RotaryPositions,
     alibi_slopes,
     apply_rope,
+    apply_rope_reference,
     make_positions,
     relative_position_bucket,
     rope_inv_freq,
@@ -152,6 +153,27 @@ def test_apply_rope_matches_transformers():
     hf_q, hf_k = apply_rotary_pos_emb(q, k, cos[:, 0], sin[:, 0], unsqueeze_dim=1)
     diff = max((apply_rope(q, cos, sin) - hf_q).abs().max().item(), (apply_rope(k, cos, sin) - hf_k).abs().max().item())
     assert diff < 1e-6, f"apply_rope differs from transformers' apply_rotary_pos_emb by {diff:.2e}"
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_apply_rope_equals_the_reference_bit_for_bit_forward_and_backward(dtype):
+    """The roll form is a refactor of rotate_half: the same numbers exactly, including the gradient, on the
+    strided q|k slice of a fused projection as attention passes it (golden loss curves rely on this)."""
+    B, H, T, Dh = 2, 5, 7, 16
+    cos, sin = (t.to(dtype) for t in _rope(torch.tensor([[0, 1, 2, 3, 40, 41, 900], [5, 5, 6, 7, 8, 9, 10]]), Dh))
+    results = []
+    for fn in (apply_rope_reference, apply_rope):
+        w = (torch.randn(B, T, 3 * H * Dh, generator=torch.Generator().manual_seed(0)) * 3).to(dtype)
+        w.requires_grad_(True)
+        x = w.view(B, T, 3 * H, Dh).transpose(1, 2)[:, : 2 * H]  # (B, 2H, T, D), not contiguous
+        y = fn(x, cos, sin)
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype))
+        results.append((y.detach(), w.grad))
+    (ref_y, ref_grad), (y, grad) = results
+    assert torch.equal(y, ref_y), f"forward differs by {(y - ref_y).abs().max().item():.2e}"
+    assert torch.equal(grad, ref_grad), f"gradient differs by {(grad - ref_grad).abs().max().item():.2e}"
+    assert not torch.equal(y, x.detach()), "test is vacuous: nothing rotated"
 
 
 # -- sinusoidal ------------------------------------------------------------------------------------------------

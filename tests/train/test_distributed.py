@@ -5,7 +5,9 @@ makes this possible (FSDP2's full state dicts converted to it and back).
 Tolerances: a 2-process run sums the same samples in another order (per-rank partial sums, then an
 all-reduce or reduce-scatter), so it is not bit-exact with 1 process; on this CPU the per-step losses
 (about 6-7 nats) differ by at most ~1e-6 over 16 steps, and the gradient norms by ~3e-6 relative. The
-tests allow 1e-5 and 1e-4.
+tests allow 1e-5 and 1e-4. Validation covers the same sequences under any number of processes (the first
+eval.batches x micro_batch), so the runs with micro-batches of 2 evaluate 8 batches to match the 1-process
+run's 4 batches of 4, and val_loss is held to the loss tolerance too.
 """
 
 from __future__ import annotations
@@ -73,6 +75,11 @@ def _assert_same_trajectory(reference: Path, other: Path, what: str) -> None:
     norm = max(abs(x["grad_norm"] - y["grad_norm"]) / x["grad_norm"] for x, y in zip(a, b))
     assert loss < LOSS_TOL, f"{what}: losses differ from the 1-process run by up to {loss:.2e}"
     assert norm < GRAD_NORM_RTOL, f"{what}: gradient norms differ from the 1-process run by up to {norm:.2e}"
+    val = {r["step"]: r["val_loss"] for r in a if "val_loss" in r}
+    other_val = {r["step"]: r["val_loss"] for r in b if "val_loss" in r}
+    assert set(val) == set(other_val) == {8, 16}, f"{what}: evaluated at steps {sorted(other_val)}, not 8 and 16"
+    worst = max(abs(val[s] - other_val[s]) for s in val)
+    assert worst < LOSS_TOL, f"{what}: val_loss differs from 1 process by up to {worst:.2e}: {val} vs {other_val}"
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +94,7 @@ def fsdp(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("fsdp")
     # micro-batches of 2 on each of 2 processes: 2 accumulation steps (no reduce-scatter on the first)
     _train(out, "--train.parallel=fsdp", "--train.activation_checkpointing=true", "--batch.micro_batch=2",
-           processes=2)
+           "--eval.batches=8", processes=2)
     return out
 
 
@@ -99,7 +106,7 @@ def test_two_process_fsdp_with_accumulation_and_activation_checkpointing_matches
 @pytest.mark.slow
 def test_one_process_checkpoint_resumes_with_two_fsdp_processes(single, tmp_path):
     out = _resume_copy(single, tmp_path / "run", step=8)
-    _train(out, "--train.parallel=fsdp", "--batch.micro_batch=2", processes=2)
+    _train(out, "--train.parallel=fsdp", "--batch.micro_batch=2", "--eval.batches=8", processes=2)
     _assert_same_trajectory(single, out, "1 process -> 2 FSDP processes at step 8")
 
 

@@ -34,6 +34,11 @@ def _losses(out: Path) -> list[float]:
     return [r["loss"] for r in rows]
 
 
+def _val_losses(out: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["val_loss"] for r in rows if "val_loss" in r}
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference")
@@ -86,6 +91,11 @@ def test_two_process_ddp_matches_one_process(reference, tmp_path):
     single, double = _losses(reference), _losses(out)
     worst = max(abs(a - b) for a, b in zip(single, double))
     assert worst < 1e-4, f"2-process DDP losses differ from 1 process by {worst:.2e}"
+    # validation reads the same sequences under any number of processes (not eval.batches per process)
+    single_val, double_val = _val_losses(reference), _val_losses(out)
+    assert set(single_val) == set(double_val) == {8, 16}
+    worst = max(abs(single_val[s] - double_val[s]) for s in single_val)
+    assert worst < 1e-4, f"2-process val_loss differs from 1 process by {worst:.2e}: {single_val} vs {double_val}"
 
 
 def test_fresh_refuses_a_nonempty_run_unless_asked_twice(reference, tmp_path):
