@@ -35,6 +35,8 @@ import torch  # noqa: E402
 
 import lmforge  # noqa: E402
 
+WEIGHTS = {"fp32": torch.float32, "fp32-packed": torch.float32, "bf16": torch.bfloat16,
+           "bf16-packed": torch.bfloat16, "int8": "int8", "int4": "int4"}
 SMALL = {"d_model": 384, "n_layer": 6, "vocab_size": 8192, "attention.n_head": 6, "attention.n_kv_head": 6,
          "tie_embeddings": False, "mlp.d_ff": 1024, "position.max_seq_len": 2048}  # the issue's 6-layer, 384-wide model
 
@@ -60,7 +62,10 @@ def weight_bytes(model: torch.nn.Module) -> int:
         if name.startswith("embed.") and own_head:
             continue
         total += t.numel() * t.element_size()
-    return total
+    from lmforge.nn.packed import PackedLinear
+
+    packed = [m.packed for m in model.modules() if isinstance(m, PackedLinear)]  # opaque: not a parameter
+    return total + sum(t.numel() * t.element_size() for t in packed)
 
 
 def load_models(args):
@@ -137,8 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="small", choices=["small", "smollm2"])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--dtypes", nargs="+", default=["fp32", "bf16", "int8", "int4"],
-                        choices=["fp32", "bf16", "int8", "int4"])
+    parser.add_argument("--dtypes", nargs="+", default=list(WEIGHTS), choices=list(WEIGHTS))
     parser.add_argument("--prompt", type=int, default=16, help="prompt tokens")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
@@ -152,20 +156,20 @@ def main() -> None:
           f"{args.new_tokens} new tokens, greedy; medians of {args.repeats} interleaved runs")
     print(f"streaming read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     hf_models = {"fp32": make_hf(torch.float32)}
-    if "bf16" in args.dtypes:
+    if any(WEIGHTS[name] == torch.bfloat16 for name in args.dtypes):
         hf_models["bf16"] = make_hf(torch.bfloat16)
     variants = {}
     for name in args.dtypes:
         variants[name] = make_variant(ours32, name)
 
-    header = f"{'weights':8} {'batch':>5} {'lmforge tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'HF as':>6}  " \
+    header = f"{'weights':11} {'batch':>5} {'lmforge tok/s':>14} {'HF tok/s':>10} {'ratio':>7} {'HF as':>6}  " \
              f"{'weight MB':>9} {'bandwidth limit':>16}"
     print(header)
     print("-" * len(header))
     for batch in args.batches:
         ids = prompt(batch)
         for name, model in variants.items():
-            peer_name = name if name in hf_models else "fp32"
+            peer_name = "bf16" if WEIGHTS[name] == torch.bfloat16 else "fp32"
             fns = {"ours": ours_fn(model, ids, args.new_tokens),
                    "hf": hf_fn(hf_models[peer_name], ids, args.new_tokens)}
             sec = interleaved(fns, args.repeats)
@@ -174,40 +178,39 @@ def main() -> None:
             wb = weight_bytes(model)
             limit = f"{bandwidth / wb:8.0f} tok/s" if batch == 1 else ""
             frac = f" ({args.new_tokens / sec['ours'] / (bandwidth / wb):.0%})" if batch == 1 else ""
-            print(f"{name:8} {batch:5d} {ours_tps:14.0f} {hf_tps:10.0f} {ours_tps / hf_tps:7.2f} {peer_name:>6}  "
+            print(f"{name:11} {batch:5d} {ours_tps:14.0f} {hf_tps:10.0f} {ours_tps / hf_tps:7.2f} {peer_name:>6}  "
                   f"{wb / 2**20:9.1f} {limit:>16}{frac}", flush=True)
 
     if args.speculative:
-        speculative_rows(ours32, args, prompt(1))
+        speculative_rows(make_variant(ours32, "fp32-packed"), make_variant(ours32, "int4"), args, prompt(1))
 
 
 def make_variant(model32, name: str):
-    """The same weights as fp32, bf16 or weight-only int8 / int4 (lmforge.models.quantize)."""
-    if name == "fp32":
-        return model32
-    if name == "bf16":
-        import copy
-
-        return copy.deepcopy(model32).to(torch.bfloat16)
+    """The same weights as fp32 or bf16 (as loaded, or with oneDNN-packed Linear layers: nn/packed.py, what
+    `lmforge generate` and `chat` run), or weight-only int8 / int4 (lmforge.models.quantize)."""
     import copy
 
     from lmforge.models.quantize import quantize_model
+    from lmforge.nn.packed import pack_for_cpu
 
-    return quantize_model(copy.deepcopy(model32), bits=8 if name == "int8" else 4, include_head=True)
+    dtype = WEIGHTS[name]
+    if dtype in ("int8", "int4"):
+        return quantize_model(copy.deepcopy(model32), bits=8 if dtype == "int8" else 4, include_head=True)
+    model = copy.deepcopy(model32).to(dtype)
+    return pack_for_cpu(model) if name.endswith("packed") else model
 
 
-def speculative_rows(model, args, ids) -> None:
-    """Speculative decoding vs plain greedy decoding of the same fp32 model (batch 1, lmforge only)."""
+def speculative_rows(model, draft, args, ids) -> None:
+    """Speculative decoding vs plain greedy decoding of the same fp32 (packed) model (batch 1, lmforge only)."""
     from lmforge.generate.speculative import speculative_generate
 
     repeated = ids.repeat(1, 4)  # a prompt that repeats itself: prompt lookup finds its n-grams
-    draft = make_variant(model, "int4")
     k, n = args.draft_tokens, args.new_tokens
     cases = {
         f"draft = int4 copy, k={k}": (ids, {"draft_model": draft}),
         f"prompt lookup (n=3), k={k}": (repeated, {"prompt_lookup": 3}),
     }
-    print("\nspeculative decoding, batch 1, fp32 target, greedy (same tokens as plain greedy by construction)")
+    print("\nspeculative decoding, batch 1, fp32-packed target, greedy (same tokens as plain greedy by construction)")
     print(f"{'proposer':32} {'plain tok/s':>11} {'spec tok/s':>10} {'speed-up':>8} {'acceptance':>10} {'tok/call':>8}")
     for name, (prompt, kw) in cases.items():
         stats = {}

@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from lmforge.generate.engine import context_limit, stream
+from lmforge.nn.packed import pack_for_cpu
 from lmforge.tokenizer import Tokenizer
 from lmforge.tokenizer.chat import render_text
 
@@ -63,7 +64,9 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu") -> tuple[nn.
     if model.config.arch not in ("decoder", "encoder_decoder"):
         raise ValueError(f"{path} holds an {model.config.arch} model, which does not generate text; use a "
                          "decoder or encoder-decoder language model")
-    return model.to(device).eval(), tokenizer, kind
+    model = model.to(device).eval()
+    # oneDNN-packed Linear weights: the same math, about twice the decode speed on CPU (nn/packed.py)
+    return (pack_for_cpu(model) if torch.device(device).type == "cpu" else model), tokenizer, kind
 
 
 def encode_prompt(tokenizer: Tokenizer, text: str, kind: str) -> list[int]:
