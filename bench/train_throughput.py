@@ -1,4 +1,5 @@
-"""Training throughput and MFU of lmforge vs Hugging Face transformers on the same configs, same run.
+"""Training throughput and MFU of lmforge (aten matmuls, and with `train.matmul: onednn`) vs Hugging Face
+transformers on the same configs, same run.
 
     .venv/bin/python bench/train_throughput.py                              # 3 sizes x {gpt2, llama} x {fp32, bf16}
     .venv/bin/python bench/train_throughput.py --sizes 6x384 --families llama --dtypes bf16 --repeats 9
@@ -9,17 +10,21 @@ one training step is forward + loss + backward + optimiser step, each side with 
 lmforge with `lmforge.train.loss.token_loss` and `lmforge.train.optim.make_optimizer` (fused AdamW where
 the device has it); HF with the same cross-entropy (float logits, summed over the batch's tokens) and
 `torch.optim.AdamW(fused=True)`, the `adamw_torch_fused` default of HF's Trainer on torch >= 2.8. bf16
-means autocast with fp32 master weights on both sides.
+means autocast with fp32 master weights on both sides. The "+oneDNN" column is lmforge's step on a copy
+of the same model with `lmforge.nn.packed.use_onednn_linears` (every nn.Linear on oneDNN GEMMs; a tied
+LM head stays on F.linear).
 
-Timing: after warm-up, rounds of (lmforge step, HF step, one peak matmul) are interleaved so machine noise
-hits all three alike; the table shows medians over the rounds: tokens/s, MFU (model FLOPs per token, as
-`lmforge.train.flops.flops_per_token`, over the median peak of a 2048 x 2048 matmul of the same dtype,
-timed in the same rounds) and the ratio lmforge / HF.
+Timing: after warm-up, rounds of (lmforge step, lmforge+oneDNN step, HF step, the peak matmuls) are
+interleaved so machine noise hits all alike; the table shows medians over the rounds: tokens/s, MFU (model
+FLOPs per token, as `lmforge.train.flops.flops_per_token`, over the peak of a 2048 x 2048 matmul of the
+same dtype timed in the same rounds: the faster median of aten's and oneDNN's kernels, as
+`lmforge.train.flops.measure_peak_flops`) and the ratios lmforge / HF and lmforge+oneDNN / HF.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import sys
 import tempfile
@@ -32,13 +37,15 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import lmforge  # noqa: E402
-from lmforge.train.flops import flops_per_token  # noqa: E402
+from lmforge.nn.packed import use_onednn_linears  # noqa: E402
+from lmforge.train.flops import flops_per_token, peak_matmuls  # noqa: E402
 from lmforge.train.loss import token_loss  # noqa: E402
 from lmforge.train.optim import OptimConfig, make_optimizer  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FAMILIES = {"gpt2": "debug-gpt2", "llama": "debug-llama"}
 PEAK_SIZE = 2048
+SIDES = ("lmforge", "+oneDNN", "HF")
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -75,12 +82,6 @@ def _step_fn(model, ids: torch.Tensor, dtype: torch.dtype, ours: bool):
     return step
 
 
-def _peak_fn(dtype: torch.dtype):
-    a, b = torch.randn(PEAK_SIZE, PEAK_SIZE).to(dtype), torch.randn(PEAK_SIZE, PEAK_SIZE).to(dtype)
-    out = torch.empty(PEAK_SIZE, PEAK_SIZE, dtype=dtype)
-    return lambda: torch.mm(a, b, out=out)
-
-
 def _timed(fn) -> float:
     start = time.perf_counter()
     fn()
@@ -88,7 +89,7 @@ def _timed(fn) -> float:
 
 
 def run(family: str, layers: int, width: int, dtype_name: str, args) -> dict[str, float]:
-    """Median tokens/s of both sides and the median peak FLOP/s, for one configuration."""
+    """Median tokens/s of the three sides and the best kernel's median peak FLOP/s, for one configuration."""
     from transformers import AutoModelForCausalLM
 
     overrides = dict(n_layer=layers, d_model=width, vocab_size=args.vocab,
@@ -101,8 +102,10 @@ def run(family: str, layers: int, width: int, dtype_name: str, args) -> dict[str
     with tempfile.TemporaryDirectory() as tmp:
         lmforge.save_hf(ours, tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").train()
-    fns = {"lmforge": _step_fn(ours, ids, dtype, True), "HF": _step_fn(hf, ids, dtype, False),
-           "peak": _peak_fn(dtype)}
+    onednn = use_onednn_linears(copy.deepcopy(ours))
+    peaks = {f"peak {name}": fn for name, fn in peak_matmuls(dtype, torch.device("cpu"), PEAK_SIZE).items()}
+    fns = {"lmforge": _step_fn(ours, ids, dtype, True), "+oneDNN": _step_fn(onednn, ids, dtype, True),
+           "HF": _step_fn(hf, ids, dtype, False), **peaks}
     for _ in range(args.warmup):
         for fn in fns.values():
             fn()
@@ -111,8 +114,8 @@ def run(family: str, layers: int, width: int, dtype_name: str, args) -> dict[str
         for name, fn in fns.items():
             times[name].append(_timed(fn))
     tokens = args.batch * args.seq
-    result = {name: tokens / statistics.median(times[name]) for name in ("lmforge", "HF")}
-    result["peak"] = 2 * PEAK_SIZE**3 / statistics.median(times["peak"])
+    result = {name: tokens / statistics.median(times[name]) for name in SIDES}
+    result["peak"] = max(2 * PEAK_SIZE**3 / statistics.median(times[name]) for name in peaks)
     result["flops_per_token"] = flops_per_token(cfg, args.seq)
     return result
 
@@ -131,21 +134,25 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     print(f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved rounds")
-    header = f"{'config':22s} {'peak GFLOP/s':>12s} {'lmforge tok/s':>14s} {'MFU':>6s} {'HF tok/s':>9s} {'MFU':>6s}"
-    print(header + f" {'ratio':>6s}")
-    rows = []
+    header = (f"{'config':22s} {'peak GFLOP/s':>12s} {'lmforge tok/s':>14s} {'MFU':>6s} {'+oneDNN tok/s':>14s} "
+              f"{'MFU':>6s} {'HF tok/s':>9s} {'MFU':>6s}")
+    print(header + f" {'ratio':>6s} {'oneDNN ratio':>12s}")
+    rows, onednn_rows = [], []
     for layers, width in args.sizes:
         for family in args.families:
             for dtype_name in args.dtypes:
                 r = run(family, layers, width, dtype_name, args)
-                mfu = {side: r[side] * r["flops_per_token"] / r["peak"] for side in ("lmforge", "HF")}
-                ratio = r["lmforge"] / r["HF"]
+                mfu = {side: r[side] * r["flops_per_token"] / r["peak"] for side in SIDES}
+                ratio, onednn_ratio = r["lmforge"] / r["HF"], r["+oneDNN"] / r["HF"]
                 rows.append(ratio)
+                onednn_rows.append(onednn_ratio)
                 label = f"{family} {layers}x{width} {dtype_name}"
                 print(f"{label:22s} {r['peak'] / 1e9:12.0f} {r['lmforge']:14.0f} {mfu['lmforge']:6.1%} "
-                      f"{r['HF']:9.0f} {mfu['HF']:6.1%} {ratio:6.2f}", flush=True)
-    print(f"lmforge ahead of HF in {sum(r > 1 for r in rows)} of {len(rows)} configurations; "
-          f"geometric-mean ratio {statistics.geometric_mean(rows):.2f}")
+                      f"{r['+oneDNN']:14.0f} {mfu['+oneDNN']:6.1%} {r['HF']:9.0f} {mfu['HF']:6.1%} {ratio:6.2f} "
+                      f"{onednn_ratio:12.2f}", flush=True)
+    for name, ratios in (("lmforge", rows), ("lmforge+oneDNN", onednn_rows)):
+        print(f"{name} ahead of HF in {sum(r > 1 for r in ratios)} of {len(ratios)} configurations; "
+              f"geometric-mean ratio {statistics.geometric_mean(ratios):.2f}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,18 @@ on it. Measured here (2 threads, fp32): a decode step's chain of batch-1 matrix-
 Inference only: the packed weight is an opaque oneDNN tensor, not a Parameter, so it takes no gradient
 and follows no `.to()`: pack after moving the model to its dtype and device. `state_dict()` still holds
 the plain (O, I) `weight` (unpacked on the way out), so a packed model saves like any other.
+
+Training on oneDNN (opt-in, recipe `train.matmul: onednn`):
+
+    use_onednn_linears(model)  # in place: every nn.Linear computes forward and backward with oneDNN GEMMs
+
+On AMD CPUs PyTorch's fp32 `F.linear` goes to MKL, which runs a non-AVX-512 code path there; oneDNN's
+`_linear_pointwise` on the plain (O, I) weight runs the same fp32 GEMM 2-3x faster. Measured on this
+machine (AMD EPYC Zen 5, 2 threads, x (2048, 384), W (1152, 384)): forward 24 -> 8.0 ms, input gradient
+31 -> 8.0 ms, weight gradient 30 -> 11 ms; same fp32 arithmetic, results differ from MKL's by summation
+order only (relative ~1e-6). In bf16 aten already calls oneDNN, so bf16 autocast gains nothing.
+`onednn_linear` is the differentiable op; the swap changes each layer's class, not its parameters,
+names or state_dict, so checkpoints, DDP and FSDP2 see the same module tree.
 """
 
 from __future__ import annotations
@@ -77,3 +89,80 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, PackedLinear(linear))
     return model.eval()
+
+
+# -- training: differentiable oneDNN linear ---------------------------------------------------------------
+
+def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b.T with oneDNN: a (..., K), b (N, K) -> (..., N); strided (e.g. transposed) views are read in place."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+
+
+class _OneDNNLinearFn(torch.autograd.Function):
+    """y = x W^T + b (forward) and its three gradients, each one oneDNN GEMM (or a sum):
+    dx = g W, dW = g^T x (leading dims flattened), db = sum of g over the leading dims.
+    Passing transposed views (W.t(), g.t(), x.t()) measured faster than making them contiguous first."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (..., O)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = _gemm(grad, weight.t()) if need_x else None  # (..., O) @ (O, I) -> (..., I)
+        grad_2d = grad.reshape(-1, grad.shape[-1])  # (M, O)
+        grad_w = _gemm(grad_2d.t(), x.reshape(-1, x.shape[-1]).t()) if need_w else None  # (O, M) @ (M, I)
+        grad_b = grad_2d.sum(0) if need_b else None  # (O,)
+        return grad_x, grad_w, grad_b
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, weight, bias)` computed with oneDNN GEMMs in forward and backward (CPU, fp32 or bf16).
+
+    x (..., I), weight (O, I), bias (O,) or None -> (..., O). Under CPU autocast the inputs are cast to the
+    autocast dtype here, as autocast does for `F.linear` (a custom op is on none of its lists); the casts are
+    ordinary autograd ops, so gradients reach the parameters in their own dtype."""
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        x, weight = x.to(dtype), weight.to(dtype)
+        bias = None if bias is None else bias.to(dtype)
+    if x.device.type != "cpu" or weight.device.type != "cpu":
+        raise ValueError(f"onednn_linear runs on the CPU only, got x on {x.device} and weight on {weight.device}; "
+                         "use F.linear (train.matmul: aten) on other devices")
+    if x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+        raise TypeError(f"onednn_linear needs x and weight of one dtype, fp32 or bf16; got {x.dtype} and "
+                        f"{weight.dtype}: cast them, or run under torch.autocast('cpu', dtype=torch.bfloat16)")
+    if bias is not None and bias.dtype != x.dtype:
+        raise TypeError(f"onednn_linear: bias is {bias.dtype} but x is {x.dtype}; cast the bias to {x.dtype}")
+    with torch.autocast("cpu", enabled=False):  # inputs are cast already; no autocast inside the op
+        return _OneDNNLinearFn.apply(x, weight, bias)
+
+
+class OneDNNLinear(nn.Linear):
+    """An `nn.Linear` whose forward (and so backward) runs on oneDNN; same parameters and state_dict.
+    Made by `use_onednn_linears`, which swaps the class of existing layers rather than building new ones."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def use_onednn_linears(model: nn.Module) -> nn.Module:
+    """Make every plain `nn.Linear` of `model` (the untied LM head's projection included) an `OneDNNLinear`,
+    in place, and return the model. Only the class changes: parameters, their names and the state_dict are
+    untouched, so it may run before or after loading a checkpoint and before DDP / FSDP2 wrapping.
+    Not covered: a tied LM head (`F.linear` on the embedding matrix), MoE experts (stacked `F.linear`),
+    quantised or packed layers, and subclasses of nn.Linear, which keep their own forward."""
+    if not packing_available():
+        raise ValueError("use_onednn_linears: this PyTorch build has no oneDNN (torch.backends.mkldnn) ops; "
+                         "train with train.matmul: aten")
+    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
+    elsewhere = [f"{name} ({m.weight.device})" for name, m in linears if m.weight.device.type != "cpu"]
+    if elsewhere:
+        raise ValueError(f"use_onednn_linears: oneDNN GEMMs run on the CPU, but {', '.join(elsewhere[:3])} "
+                         "are not; move the model to the CPU or train with train.matmul: aten")
+    for _, linear in linears:
+        linear.__class__ = OneDNNLinear
+    return model

@@ -24,6 +24,7 @@ import torch
 
 from lmforge.data.loader import ShardLoader
 from lmforge.models import build_model
+from lmforge.nn.packed import use_onednn_linears
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import Dist, loadable, parallelize, saveable
 from lmforge.train.flops import cached_peak_flops, mfu
@@ -136,6 +137,11 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
     objective.check(cfg, recipe.data)
     torch.manual_seed(seed)
     model = build_model(cfg, device=d.device, seed=seed)
+    if recipe.train.matmul == "onednn":  # swaps layer classes only: before wrapping, same state_dict
+        if d.device.type != "cpu":
+            raise ValueError(f"train.matmul=onednn runs on the CPU, but this run is on {d.device}; "
+                             "use train.matmul=aten (or train.device=cpu)")
+        use_onednn_linears(model)
     runner = parallelize(model, recipe.train, d)  # before the optimizer: FSDP2 swaps in sharded parameters
     optimizer = make_optimizer(model, recipe.optim)
     guard = NonFiniteGuard(max_consecutive=recipe.train.max_bad_steps)

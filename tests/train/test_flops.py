@@ -1,12 +1,14 @@
 """FLOPs per token against hand counts and torch's FlopCounterMode; MFU arithmetic; the peak cache."""
 
 import json
+import time
 
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import lmforge
+from lmforge.nn.packed import packing_available
 from lmforge.train import flops
 from lmforge.train.flops import cached_peak_flops, flops_per_token, measure_peak_flops, mfu
 
@@ -98,6 +100,33 @@ def test_measure_peak_flops_is_plausible():
     assert 1e6 < peak < 1e15
 
 
+def test_peak_is_the_best_kernel(monkeypatch):
+    """Every candidate kernel is timed and the fastest one's FLOP/s is the peak (not the first, not aten's)."""
+    calls = {"slow": 0, "fast": 0}
+
+    def kernel(name, seconds):
+        return lambda: calls.__setitem__(name, calls[name] + 1) or time.sleep(seconds)
+
+    monkeypatch.setattr(flops, "peak_matmuls", lambda dtype, device, n: {"slow": kernel("slow", 0.02),
+                                                                        "fast": kernel("fast", 0.005)})
+    peak = measure_peak_flops(torch.float32, "cpu", size=100, warmup_s=0.0, min_s=0.0)
+    assert calls["slow"] >= 5 and calls["fast"] >= 5, "each kernel is timed over at least 5 repeats"
+    assert 2 * 100**3 / 0.0075 < peak <= 2 * 100**3 / 0.005  # the fast kernel's figure (sleep overshoots)
+
+
+@pytest.mark.skipif(not packing_available(), reason="this torch build has no oneDNN ops")
+def test_cpu_peak_kernels_include_onednn():
+    """The oneDNN candidate computes the same n^3 product as aten's (a @ b.T with b as an (out, in) weight)."""
+    torch.manual_seed(0)
+    kernels = flops.peak_matmuls(torch.float32, torch.device("cpu"), 64)
+    assert set(kernels) == {"aten", "onednn"}
+    a_times_b = kernels["aten"]()
+    a_times_bt = kernels["onednn"]()
+    assert a_times_b.shape == a_times_bt.shape == (64, 64)
+    assert not torch.allclose(a_times_b, a_times_bt)  # different products of the same operands, same FLOPs
+    assert set(flops.peak_matmuls(torch.float16, torch.device("cpu"), 8)) == {"aten"}
+
+
 def test_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     calls = []
     monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype, device: calls.append(dtype) or 123e9)
@@ -108,6 +137,7 @@ def test_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
     (key,) = cache
     assert key == flops.device_key(torch.float32, "cpu") and "float32" in key
     assert f"threads={torch.get_num_threads()}" in key and flops.cpu_name() in key
+    assert key.endswith(flops.PEAK_METHOD), "peaks measured another way (aten only) must not be reused"
     cached_peak_flops(torch.bfloat16, "cpu", cache_dir=tmp_path)  # another dtype: another entry
     assert calls == [torch.float32, torch.bfloat16]
     assert len(json.loads((tmp_path / "peak_flops.json").read_text())) == 2
