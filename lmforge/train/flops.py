@@ -193,20 +193,24 @@ def table_peak_flops(dtype: torch.dtype, device: str | torch.device) -> float | 
 
 
 def cached_peak_flops(dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                      cache_dir: str | Path | None = None) -> float:
+                      cache_dir: str | Path | None = None, remeasure: bool = False) -> float:
     """The peak FLOP/s for (device, threads, dtype): a known GPU's datasheet value, else measured once
     with `measure_peak_flops` and kept in `<cache_dir>/peak_flops.json` (default cache: $LMFORGE_CACHE or
-    ~/.cache/lmforge). Delete the entry (or the file) to measure again, e.g. after changing machines."""
+    ~/.cache/lmforge). Delete the entry (or the file) to measure again, e.g. after changing machines.
+
+    remeasure: measure again and keep the larger of the old and new figures. A peak measured while other
+    work shared the CPU is too low, and an MFU above 1 gives it away (the training loop then re-measures)."""
     table = table_peak_flops(dtype, device)
     if table is not None:
         return table
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "peak_flops.json"
     key = device_key(dtype, device)
     cache = _read_json(path)
-    if key in cache:
+    if key in cache and not remeasure:
         return float(cache[key])
     peak = measure_peak_flops(dtype, device)
     cache = _read_json(path)  # another process may have written meanwhile: keep its entries
+    peak = max(peak, float(cache.get(key, 0.0)))
     cache[key] = peak
     _write_json_atomic(path, cache)
     return peak

@@ -152,3 +152,13 @@ def test_known_gpus_use_the_datasheet(monkeypatch):
     assert flops.table_peak_flops(torch.bfloat16, "cuda") == 312e12
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert flops.table_peak_flops(torch.float16, "cuda") == 756e12
+
+
+def test_remeasure_keeps_the_larger_peak(tmp_path, monkeypatch):
+    """A peak measured under load is too low: re-measuring keeps the larger figure, never a lower one."""
+    measured = iter([50e9, 200e9, 120e9])
+    monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype, device: next(measured))
+    assert cached_peak_flops(torch.float32, "cpu", cache_dir=tmp_path) == 50e9
+    assert cached_peak_flops(torch.float32, "cpu", cache_dir=tmp_path, remeasure=True) == 200e9
+    assert cached_peak_flops(torch.float32, "cpu", cache_dir=tmp_path, remeasure=True) == 200e9
+    assert cached_peak_flops(torch.float32, "cpu", cache_dir=tmp_path) == 200e9
