@@ -155,6 +155,16 @@ class Completion:
                 f"{self.first_token_s:.2f} s, then {rate:.1f} tok/s; stopped: {self.reason}]")
 
 
+def new_token_budget(cfg, prompt_len: int, max_new_tokens: int, truncate: bool) -> tuple[int, str]:
+    """(max new tokens, reason): max_new_tokens and "length", or what the context still holds and "context".
+    With `truncate`, a decoder keeps max_new_tokens when it fits the context at all (the prompt is cut)."""
+    limit = context_limit(cfg)
+    room = limit - prompt_len + 1 if cfg.arch == "decoder" else limit  # new tokens the context holds
+    if 1 <= room < max_new_tokens and not (truncate and cfg.arch == "decoder" and max_new_tokens <= limit):
+        return room, "context"
+    return max_new_tokens, "length"
+
+
 def complete(model: nn.Module, tokenizer: Tokenizer, ids: list[int], settings: Settings, out: TextIO | None,
              *, stop_token_ids: list[int] = (), stop_strings: list[str] = (), seed: int | None = None) -> Completion:
     """Decode one prompt, writing text to `out` as it comes; returns the whole text and timings.
@@ -163,12 +173,7 @@ def complete(model: nn.Module, tokenizer: Tokenizer, ids: list[int], settings: S
     at all is an error unless settings.truncate (then its last tokens are kept)."""
     if not ids:
         raise ValueError("the prompt is empty (no tokens); give some text")
-    cfg = model.config
-    limit = context_limit(cfg)
-    room = limit - len(ids) + 1 if cfg.arch == "decoder" else limit  # new tokens the context holds
-    max_new, reason = settings.max_new_tokens, "length"
-    if 1 <= room < max_new and not (settings.truncate and cfg.arch == "decoder" and max_new <= limit):
-        max_new, reason = room, "context"
+    max_new, reason = new_token_budget(model.config, len(ids), settings.max_new_tokens, settings.truncate)
     device = next(model.parameters()).device
     start = time.perf_counter()
     first = None
@@ -200,10 +205,7 @@ def complete_whole(model: nn.Module, tokenizer: Tokenizer, ids: list[int], setti
     if not ids:
         raise ValueError("the prompt is empty (no tokens); give some text")
     cfg = model.config
-    room = context_limit(cfg) - len(ids) + 1 if cfg.arch == "decoder" else context_limit(cfg)
-    max_new, reason = settings.max_new_tokens, "length"
-    if 1 <= room < max_new:
-        max_new, reason = room, "context"
+    max_new, reason = new_token_budget(cfg, len(ids), settings.max_new_tokens, truncate=False)
     stops = [i for i in [cfg.eos_token_id, *stop_token_ids] if i is not None]
     prompt = torch.tensor([ids], device=next(model.parameters()).device)
     start = time.perf_counter()
