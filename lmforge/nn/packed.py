@@ -24,7 +24,8 @@ machine (AMD EPYC Zen 5, 2 threads, x (2048, 384), W (1152, 384)): forward 24 ->
 31 -> 8.0 ms, weight gradient 30 -> 11 ms; same fp32 arithmetic, results differ from MKL's by summation
 order only (relative ~1e-6). In bf16 aten already calls oneDNN, so bf16 autocast gains nothing.
 `onednn_linear` is the differentiable op; the swap changes each layer's class, not its parameters,
-names or state_dict, so checkpoints, DDP and FSDP2 see the same module tree.
+names or state_dict, so checkpoints see the same module tree (runs under DDP / FSDP2 with it are not
+tested yet).
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ class TrainSection:
     parallel: str = "ddp"  # under torchrun: ddp (whole model on every process) or fsdp (FSDP2, sharded)
     device: str = "auto"  # auto (cuda if available), cpu or cuda
     matmul: str = "aten"  # aten (F.linear) or onednn: nn.Linear forward + backward on oneDNN GEMMs, CPU only;
-    # 2-3x faster fp32 on AMD CPUs, where aten's MKL path lacks AVX-512; same math up to summation order
+    # fp32 GEMMs 2-3x faster on AMD CPUs (aten's MKL path lacks AVX-512), steps 1.2-1.5x (bench/train_throughput.py)
 
 
 @dataclass
