@@ -143,17 +143,18 @@ class Attention(nn.Module):
             q = self.q(x).view(B, T, H, D).transpose(1, 2)  # (B, H, T, D)
             k, v = self._cross_kv(memory, cache)  # (B, K, S, D)
         else:
-            # One view of the fused projection, heads first, sliced into q | k | v: fewer small ops than
-            # split + three views + three transposes, and RoPE rotates q and k in one call.
-            qkv = self.qkv(x).view(B, T, H + 2 * K, D).transpose(1, 2)  # (B, H + 2K, T, D)
+            # Split the fused projection with `split` in its own (B, T, heads, D) layout and transpose last:
+            # split's backward is one cat of the pieces' gradients into a contiguous buffer that the view
+            # back to (B, T, d) reads in place, where `narrow` zero-fills a full-size gradient per piece (and
+            # the transposed sum needs a copy). RoPE rotates q and k in one call.
+            qk, v = self.qkv(x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)  # (B, T, H+K | K, D)
             if rope is not None:
-                cos, sin = rope
-                if cos.dtype != qkv.dtype:  # fp32 tables, bf16 activations under autocast
-                    cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
-                q, k = apply_rope(qkv.narrow(1, 0, H + K), cos, sin).split([H, K], dim=1)  # (B, H|K, T, D)
-            else:
-                q, k = qkv.narrow(1, 0, H), qkv.narrow(1, H, K)
-            v = qkv.narrow(1, H + K, K)  # (B, K, T, D)
+                cos, sin = rope  # (B|1, 1, T, D)
+                if cos.dtype != qk.dtype:  # fp32 tables, bf16 activations under autocast
+                    cos, sin = cos.to(qk.dtype), sin.to(qk.dtype)
+                qk = apply_rope(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # tables as (B|1, T, 1, D)
+            q, k = (t.transpose(1, 2) for t in qk.split([H, K], dim=2))  # (B, H|K, T, D)
+            v = v.transpose(1, 2)  # (B, K, T, D)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D): cached keys and these
         y = self.attend(q, k, v, mask, self.scale, self.dropout if self.training else 0.0)  # (B, H, T, D)
@@ -168,8 +169,9 @@ class Attention(nn.Module):
             raise ValueError("cross-attention needs memory (the encoder output, B x S x d_model): pass "
                              "model.encode(input_ids) or the source input_ids")
         B, S, _ = memory.shape
-        kv = self.kv(memory).view(B, S, 2 * self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, 2K, S, D)
-        k, v = kv[:, :self.n_kv_head], kv[:, self.n_kv_head:]
+        kv = self.kv(memory).view(B, S, 2 * self.n_kv_head, self.head_dim)  # (B, S, 2K, D)
+        # split (backward: one cat), not slicing (backward: a zero-filled full-size gradient per slice)
+        k, v = (t.transpose(1, 2) for t in kv.split(self.n_kv_head, dim=2))  # (B, K, S, D)
         if cache is not None:
             cache.cross[self.layer_idx] = (k, v)
         return k, v

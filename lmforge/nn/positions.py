@@ -103,7 +103,8 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate channel pairs (i, i + D/2) of x (B, H, T, D) by the position angle ("rotate half",
-    the GPT-NeoX/HF layout; GGUF's interleaved layout is permuted to this one on import).
+    the GPT-NeoX/HF layout; GGUF's interleaved layout is permuted to this one on import). Only the last
+    dimension is special: x may as well be (B, T, H, D) with the tables as (B|1, T, 1, D).
 
     The same numbers as `apply_rope_reference`, bit for bit, forward and backward: rotate_half(x) sin
     = roll(x, D/2) (-s1, s2) since (-x2) s == x2 (-s) exactly. The sign goes on sin (B|1, 1, T, D, shared

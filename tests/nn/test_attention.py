@@ -20,7 +20,7 @@ from lmforge.nn.attention import (
     eager_attention,
     sdpa_attention,
 )
-from lmforge.nn.positions import AlibiPositions, RelativePositions, RotaryPositions
+from lmforge.nn.positions import AlibiPositions, RelativePositions, RotaryPositions, apply_rope_reference
 
 TOL = 1e-5  # fp32, eager vs SDPA
 H, D = 8, 16
@@ -343,6 +343,56 @@ def test_cross_attention_module_reads_keys_from_memory():
         y2 = attn(x, mask, memory=memory + 1.0)
     assert y.shape == (2, 3, 32), f"cross attention output shape {tuple(y.shape)}, expected (2, 3, 32)"
     assert not torch.allclose(y, y2, atol=1e-4), "cross attention output ignores the memory"
+
+
+def _sliced_projection_forward(attn: Attention, x, mask, rope=None, memory=None) -> torch.Tensor:
+    """Attention.forward written plainly: slice q, k, v out of the (B, heads, T, D) projections, rotate q and
+    k with the reference RoPE. The oracle of the module's split-then-transpose layout."""
+    B, T, _ = x.shape
+    H, K, Dh = attn.n_head, attn.n_kv_head, attn.head_dim
+    if attn.cross:
+        q = attn.q(x).view(B, T, H, Dh).transpose(1, 2)
+        kv = attn.kv(memory).view(B, memory.shape[1], 2 * K, Dh).transpose(1, 2)
+        k, v = kv[:, :K], kv[:, K:]
+    else:
+        qkv = attn.qkv(x).view(B, T, H + 2 * K, Dh).transpose(1, 2)  # (B, H + 2K, T, D)
+        q, k, v = qkv[:, :H], qkv[:, H:H + K], qkv[:, H + K:]
+        if rope is not None:
+            cos, sin = (t.to(q.dtype) for t in rope)
+            q, k = apply_rope_reference(q, cos, sin), apply_rope_reference(k, cos, sin)
+    y = attn.attend(q, k, v, mask, attn.scale, 0.0)
+    return attn.o(y.transpose(1, 2).reshape(B, T, H * Dh))
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+@pytest.mark.parametrize("kind", ["rope", "no-rope", "cross"])
+@pytest.mark.parametrize("n_kv_head", [4, 2, 1], ids=lambda k: f"kv{k}")
+def test_projection_split_is_bitwise_the_sliced_reference(n_kv_head, kind, autocast):
+    """The module splits its fused projections (split's backward is one cat) where the reference slices them
+    (each slice's backward zero-fills a full-size gradient): output and every gradient must be equal bit for
+    bit, so the change leaves training losses unchanged."""
+    d_model, n_head, head_dim, B, T, S = 32, 4, 8, 2, 6, 5
+    torch.manual_seed(0)
+    attn = Attention(d_model, AttentionConfig(n_head=n_head, n_kv_head=n_kv_head, head_dim=head_dim, qkv_bias=True),
+                     cross=kind == "cross")
+    x0, memory0 = torch.randn(B, T, d_model), torch.randn(B, S, d_model)
+    pos_cfg = ModelConfig(d_model=d_model, attention=AttentionConfig(n_head=n_head, head_dim=head_dim))
+    rope = RotaryPositions(pos_cfg, bidirectional=False).rotary(torch.arange(T)[None].expand(B, T))
+    rope = rope if kind == "rope" else None
+    mask = AttentionMask(is_causal=kind != "cross")
+    results = []
+    for forward in (_sliced_projection_forward, Attention.forward):
+        attn.zero_grad()
+        x, memory = x0.clone().requires_grad_(True), memory0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = forward(attn, x, mask, rope=rope, memory=memory if kind == "cross" else None)
+        y.float().square().sum().backward()
+        results.append({"output": y.detach(), "x grad": x.grad,
+                        **({"memory grad": memory.grad} if kind == "cross" else {}),
+                        **{f"{n} grad": p.grad for n, p in attn.named_parameters()}})
+    for name, ref in results[0].items():
+        ours = results[1][name]
+        assert torch.equal(ours, ref), f"{name} differs from the sliced reference by {(ours - ref).abs().max():.3e}"
 
 
 # -- build_attention_mask fast path ---------------------------------------------------------------------------

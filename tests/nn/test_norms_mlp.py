@@ -11,7 +11,7 @@ from torch import nn
 
 from lmforge.config import MLPConfig, NormConfig
 from lmforge.nn.mlp import ACTIVATIONS, MLP, GatedMLP, activation, make_mlp
-from lmforge.nn.norms import NORMS, RMSNorm, make_norm
+from lmforge.nn.norms import NORMS, RMSNorm, make_norm, rms_norm_reference
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.llama.modeling_llama import LlamaRMSNorm  # noqa: E402
@@ -60,6 +60,43 @@ def test_rms_norm_with_fp32_weight_promotes_like_llama():
     x = torch.randn(4, D).to(torch.bfloat16)
     assert ours(x).dtype == theirs(x).dtype == torch.float32
     assert torch.equal(ours(x), theirs(x))
+
+
+@pytest.mark.parametrize("x_dtype,w_dtype", [(torch.float32,) * 2, (torch.bfloat16, torch.float32),
+                                             (torch.bfloat16,) * 2, (torch.float16,) * 2], ids=str)
+@pytest.mark.parametrize("placement", ["alone", "residual"])
+def test_rms_norm_backward_is_bitwise_the_reference(x_dtype, w_dtype, placement):
+    """RMSNorm (one autograd node) == rms_norm_reference (the ops written out): output, input and weight
+    gradients bit for bit, also as a pre-norm residual branch x + norm(x) W, where x's gradient is the sum of
+    three terms whose order of addition must match the reference's graph."""
+    norm = RMSNorm(D, eps=1e-6).to(w_dtype)
+    proj = nn.Linear(D, D, bias=False).to(x_dtype)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        norm.weight.copy_(torch.rand(D, generator=g) + 0.5)
+    x0 = (torch.randn(2, 9, D, generator=g) * 3).to(x_dtype)
+    results = []
+    for forward in (lambda x: rms_norm_reference(x, norm.weight, norm.eps), norm):
+        norm.weight.grad = None
+        x = x0.clone().requires_grad_(True)
+        y = forward(x) if placement == "alone" else x + proj(forward(x).to(x_dtype))
+        y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y.dtype))
+        results.append((y.detach(), x.grad, norm.weight.grad))
+    for name, ours, ref in zip(("output", "input grad", "weight grad"), results[1], results[0]):
+        assert ours.dtype == ref.dtype, f"{name}: dtype {ours.dtype} != reference {ref.dtype}"
+        diff = (ours.float() - ref.float()).abs().max().item()
+        assert torch.equal(ours, ref), f"{name} differs from rms_norm_reference by up to {diff:.3e}"
+
+
+def test_rms_norm_grads_only_where_asked():
+    norm = RMSNorm(D)
+    x = torch.randn(3, D, requires_grad=True)
+    norm.weight.requires_grad_(False)
+    norm(x).sum().backward()
+    assert x.grad is not None and norm.weight.grad is None
+    norm.weight.requires_grad_(True)
+    norm(torch.randn(3, D)).sum().backward()
+    assert norm.weight.grad is not None
 
 
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])

@@ -1,4 +1,5 @@
-"""Token loss (sum, count), label smoothing, auxiliary losses, and accumulation equals one big batch."""
+"""Token loss (sum, count), label smoothing, auxiliary losses, accumulation equals one big batch, and the
+chunked cross-entropy equals F.cross_entropy bit for bit."""
 
 from __future__ import annotations
 
@@ -7,8 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import lmforge
+import lmforge.train.loss as loss_module
 from lmforge.models.output import ModelOutput
-from lmforge.train.loss import loss_with_aux, token_loss
+from lmforge.train.loss import loss_with_aux, token_loss, token_loss_reference
 
 
 def random_batch(seed: int = 0, B: int = 3, T: int = 5, V: int = 11):
@@ -58,6 +60,69 @@ def test_custom_ignore_index_and_all_ignored():
     assert n.item() == (labels != 0).sum().item()
     loss_sum, n = token_loss(logits, torch.full_like(labels, -100))
     assert loss_sum.item() == 0.0 and n.item() == 0
+
+
+def _loss_and_grad(fn, logits: torch.Tensor, labels: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
+    leaf = logits.detach().clone().requires_grad_(True)
+    loss_sum, _ = fn(leaf, labels, **kw)
+    loss_sum.backward(torch.tensor(0.731))  # a gradient other than 1, as a divided loss gives
+    return loss_sum.detach(), leaf.grad
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("layout", ["contiguous", "sliced", "ignore_index=0"])
+def test_chunked_cross_entropy_is_bitwise_the_reference(dtype, eps, layout, monkeypatch):
+    """token_loss (chunked) == token_loss_reference (F.cross_entropy on logits.float()): loss and gradient
+    bit for bit, with several chunks and a short last one, ignored tokens and an all-ignored row."""
+    monkeypatch.setattr(loss_module, "CHUNK_VALUES", 4 * 100)  # 8 rows (MIN_CHUNK_ROWS) per chunk: 3 chunks
+    g = torch.Generator().manual_seed(0)
+    padded = torch.randn(3, 7, 112, generator=g) * 4
+    logits = (padded[..., :100] if layout == "sliced" else padded[..., :100].contiguous()).to(dtype)
+    labels = torch.randint(0, 100, (3, 7), generator=g)
+    labels[1] = -100  # an all-ignored sequence
+    labels[0, ::3] = -100
+    kw = {"label_smoothing": eps}
+    if layout == "ignore_index=0":
+        labels, kw["ignore_index"] = labels.clamp(min=0), 0
+    ours, ours_grad = _loss_and_grad(token_loss, logits, labels, **kw)
+    ref, ref_grad = _loss_and_grad(token_loss_reference, logits, labels, **kw)
+    assert ours.dtype == torch.float32 and ours_grad.dtype == dtype
+    assert torch.equal(ours, ref), f"loss {ours.item()!r} != F.cross_entropy's {ref.item()!r}"
+    diff = (ours_grad.float() - ref_grad.float()).abs().max().item()
+    assert torch.equal(ours_grad, ref_grad), f"gradient differs from F.cross_entropy's by up to {diff:.3e}"
+    assert ours_grad[1].abs().sum() == 0, "ignored tokens must get no gradient"
+
+
+def test_chunked_cross_entropy_with_default_chunks_and_a_big_vocabulary():
+    """At the default chunk size (CHUNK_VALUES / V rows; here 32 rows of V = 8192, 3 chunks for 70 rows)."""
+    g = torch.Generator().manual_seed(1)
+    logits = (torch.randn(2, 35, 8192, generator=g) * 3).bfloat16()
+    labels = torch.randint(0, 8192, (2, 35), generator=g)
+    labels[0, :5] = -100
+    ours, ours_grad = _loss_and_grad(token_loss, logits, labels)
+    ref, ref_grad = _loss_and_grad(token_loss_reference, logits, labels)
+    assert torch.equal(ours, ref) and torch.equal(ours_grad, ref_grad)
+    # and the math, in fp64: sum_i lse(z_i) - z_i[y_i]; gradient g (softmax(z) - onehot(y)), rounded to bf16
+    z, keep = logits.double().reshape(-1, 8192), labels.reshape(-1) != -100
+    y = labels.reshape(-1)[keep]
+    exact = (z[keep].logsumexp(-1) - z[keep].gather(1, y[:, None])[:, 0]).sum()
+    assert abs(ours.item() - exact.item()) < 1e-6 * exact.item(), f"{ours.item()} vs exact {exact.item()}"
+    grad = torch.zeros_like(z)
+    grad[keep] = 0.731 * (z[keep].softmax(-1) - F.one_hot(y, 8192).double())
+    torch.testing.assert_close(ours_grad.reshape(-1, 8192).double(), grad, rtol=2**-8, atol=1e-6)
+
+
+def test_token_loss_without_grad_and_out_of_range_labels():
+    logits, labels = random_batch()
+    with torch.no_grad():
+        assert torch.equal(token_loss(logits, labels)[0], token_loss_reference(logits, labels)[0])
+    labels[1, 1] = 11
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 11\)"):
+        token_loss(logits, labels)
+    labels[1, 1] = -5
+    with pytest.raises(ValueError, match="or equal ignore_index=-100"):
+        token_loss(logits, labels)
 
 
 def test_bad_inputs_raise():
