@@ -1,4 +1,4 @@
-"""Training throughput and MFU of lmforge (aten matmuls, and with `train.matmul: onednn`) vs Hugging Face
+"""Training throughput and MFU of lmforge (aten matmuls, and oneDNN's: `train.matmul: onednn`) vs Hugging Face
 transformers on the same configs, same run.
 
     .venv/bin/python bench/train_throughput.py                              # 3 sizes x {gpt2, llama} x {fp32, bf16}
@@ -10,9 +10,11 @@ one training step is forward + loss + backward + optimiser step, each side with 
 lmforge with `lmforge.train.loss.token_loss` and `lmforge.train.optim.make_optimizer` (fused AdamW where
 the device has it); HF with the same cross-entropy (float logits, summed over the batch's tokens) and
 `torch.optim.AdamW(fused=True)`, the `adamw_torch_fused` default of HF's Trainer on torch >= 2.8. bf16
-means autocast with fp32 master weights on both sides. The "+oneDNN" column is lmforge's step on a copy
-of the same model with `lmforge.nn.packed.use_onednn_linears` (every nn.Linear on oneDNN GEMMs; a tied
-LM head stays on F.linear).
+means autocast with fp32 master weights on both sides. The "lmforge" column is `train.matmul: aten`; the
+"+oneDNN" column is lmforge's step on a copy of the same model with `lmforge.nn.packed.use_onednn_linears`
+(every nn.Linear, the tied LM head and MoE experts on oneDNN GEMMs: `train.matmul: onednn`). The summary
+lines at the end rate each against HF, and "as trained" the one `lmforge train` runs by default
+(`train.matmul: auto`, `lmforge.nn.packed.resolve_matmul`: oneDNN in fp32 on the CPU, aten in bf16).
 
 Timing: after warm-up, rounds of (lmforge step, lmforge+oneDNN step, HF step, the peak matmuls) are
 interleaved so machine noise hits all alike; the table shows medians over the rounds: tokens/s, MFU (model
@@ -37,7 +39,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import lmforge  # noqa: E402
-from lmforge.nn.packed import use_onednn_linears  # noqa: E402
+from lmforge.nn.packed import resolve_matmul, use_onednn_linears  # noqa: E402
 from lmforge.train.flops import flops_per_token, peak_matmuls  # noqa: E402
 from lmforge.train.loss import token_loss  # noqa: E402
 from lmforge.train.optim import OptimConfig, make_optimizer  # noqa: E402
@@ -137,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"{'config':22s} {'peak GFLOP/s':>12s} {'lmforge tok/s':>14s} {'MFU':>6s} {'+oneDNN tok/s':>14s} "
               f"{'MFU':>6s} {'HF tok/s':>9s} {'MFU':>6s}")
     print(header + f" {'ratio':>6s} {'oneDNN ratio':>12s}")
-    rows, onednn_rows = [], []
+    rows, onednn_rows, default_rows = [], [], []
     for layers, width in args.sizes:
         for family in args.families:
             for dtype_name in args.dtypes:
@@ -146,11 +148,14 @@ def main(argv: list[str] | None = None) -> None:
                 ratio, onednn_ratio = r["lmforge"] / r["HF"], r["+oneDNN"] / r["HF"]
                 rows.append(ratio)
                 onednn_rows.append(onednn_ratio)
+                default = resolve_matmul("auto", torch.device("cpu"), dtype_name)
+                default_rows.append(onednn_ratio if default == "onednn" else ratio)
                 label = f"{family} {layers}x{width} {dtype_name}"
                 print(f"{label:22s} {r['peak'] / 1e9:12.0f} {r['lmforge']:14.0f} {mfu['lmforge']:6.1%} "
                       f"{r['+oneDNN']:14.0f} {mfu['+oneDNN']:6.1%} {r['HF']:9.0f} {mfu['HF']:6.1%} {ratio:6.2f} "
                       f"{onednn_ratio:12.2f}", flush=True)
-    for name, ratios in (("lmforge", rows), ("lmforge+oneDNN", onednn_rows)):
+    for name, ratios in (("lmforge (aten)", rows), ("lmforge+oneDNN", onednn_rows),
+                         ("lmforge as trained (train.matmul: auto)", default_rows)):
         print(f"{name} ahead of HF in {sum(r > 1 for r in ratios)} of {len(ratios)} configurations; "
               f"geometric-mean ratio {statistics.geometric_mean(ratios):.2f}")
 

@@ -43,6 +43,9 @@ class Transform(nn.Module):
 
 
 class LMHead(nn.Module):
+    # the tied projection's matmul; nn.packed.use_onednn_linears points it at onednn_linear (same math)
+    linear = staticmethod(F.linear)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.vocab_size = cfg.vocab_size
@@ -55,7 +58,7 @@ class LMHead(nn.Module):
         scaled = hidden if self.scale == 1.0 else hidden * self.scale  # x * 1.0 == x: skip a pass and its backward
         x = self.transform(scaled)
         if self.proj is None:
-            logits = F.linear(x, embedding, self.bias)
+            logits = self.linear(x, embedding, self.bias)
         else:  # called as a module, so a quantised projection (models/quantize.py) runs its own kernel
             logits = self.proj(x) if self.bias is None else self.proj(x) + self.bias
         return ModelOutput(logits=logits[..., : self.vocab_size], hidden=hidden)

@@ -34,6 +34,9 @@ def router_z_loss(logits: torch.Tensor) -> torch.Tensor:
 
 
 class MoE(nn.Module):
+    # the experts' matmul; nn.packed.use_onednn_linears points it at onednn_linear (same math)
+    linear = staticmethod(F.linear)
+
     def __init__(self, d_model: int, mlp: MLPConfig, cfg: MoEConfig) -> None:
         super().__init__()
         E, Fdim = cfg.n_experts, mlp.d_ff
@@ -47,12 +50,12 @@ class MoE(nn.Module):
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """FFN of expert e on x (n, D)."""
-        h = F.linear(x, self.w_up[e])
+        h = self.linear(x, self.w_up[e])
         if self.gated:
-            h = self.act(F.linear(x, self.w_gate[e])) * h
+            h = self.act(self.linear(x, self.w_gate[e])) * h
         else:
             h = self.act(h)
-        return F.linear(h, self.w_down[e])
+        return self.linear(h, self.w_down[e])
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (N, D) -> router logits (N, E), probs (N, E), top-k weights (N, k), top-k experts (N, k)."""

@@ -14,18 +14,22 @@ Inference only: the packed weight is an opaque oneDNN tensor, not a Parameter, s
 and follows no `.to()`: pack after moving the model to its dtype and device. `state_dict()` still holds
 the plain (O, I) `weight` (unpacked on the way out), so a packed model saves like any other.
 
-Training on oneDNN (opt-in, recipe `train.matmul: onednn`):
+Training on oneDNN (recipe `train.matmul`: `auto`, the default, picks it for CPU runs; `resolve_matmul`):
 
-    use_onednn_linears(model)  # in place: every nn.Linear computes forward and backward with oneDNN GEMMs
+    use_onednn_linears(model)  # in place: every linear map of the model runs forward and backward on oneDNN GEMMs
 
 On AMD CPUs PyTorch's fp32 `F.linear` goes to MKL, which runs a non-AVX-512 code path there; oneDNN's
 `_linear_pointwise` on the plain (O, I) weight runs the same fp32 GEMM 2-3x faster. Measured on this
 machine (AMD EPYC Zen 5, 2 threads, x (2048, 384), W (1152, 384)): forward 24 -> 8.0 ms, input gradient
 31 -> 8.0 ms, weight gradient 30 -> 11 ms; same fp32 arithmetic, results differ from MKL's by summation
-order only (relative ~1e-6). In bf16 aten already calls oneDNN, so bf16 autocast gains nothing.
-`onednn_linear` is the differentiable op; the swap changes each layer's class, not its parameters,
-names or state_dict, so checkpoints see the same module tree (runs under DDP / FSDP2 with it are not
-tested yet).
+order only (relative ~1e-6). `onednn_linear` is the differentiable op. The swap changes each nn.Linear's
+class, and points the `linear` attribute of modules that apply a raw weight themselves (the tied LM head,
+`models/heads.py`; the stacked MoE experts, `nn/moe.py`) at `onednn_linear`; parameters, names and
+state_dict stay as they were, so checkpoints see the same module tree, and DDP / FSDP2 wrap it as usual.
+
+Under torch.compile the GEMM is the opaque custom op `lmforge::onednn_gemm`: inductor's own lowering of
+`_linear_pointwise` only accepts a frozen (constant) weight and fails on a trained one, so the op is
+hidden from it and called as is, with the elementwise code around it still fused.
 """
 
 from __future__ import annotations
@@ -94,9 +98,16 @@ def pack_for_cpu(model: nn.Module) -> nn.Module:
 
 # -- training: differentiable oneDNN linear ---------------------------------------------------------------
 
-def _gemm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b.T with oneDNN: a (..., K), b (N, K) -> (..., N); strided (e.g. transposed) views are read in place."""
-    return torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], "")
+@torch.library.custom_op("lmforge::onednn_gemm", mutates_args=())
+def _gemm(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """a @ b.T + bias with oneDNN: a (..., K), b (N, K), bias (N,) or None -> (..., N); strided (e.g.
+    transposed) views are read in place. A custom op so torch.compile calls it rather than lowering it."""
+    return torch.ops.mkldnn._linear_pointwise(a, b, bias, "none", [], "")
+
+
+@_gemm.register_fake
+def _(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return a.new_empty((*a.shape[:-1], b.shape[0]))  # contiguous, as oneDNN writes it
 
 
 class _OneDNNLinearFn(torch.autograd.Function):
@@ -107,15 +118,15 @@ class _OneDNNLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")  # (..., O)
+        return _gemm(x, weight, bias)  # (..., O)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad
-        grad_x = _gemm(grad, weight.t()) if need_x else None  # (..., O) @ (O, I) -> (..., I)
+        grad_x = _gemm(grad, weight.t(), None) if need_x else None  # (..., O) @ (O, I) -> (..., I)
         grad_2d = grad.reshape(-1, grad.shape[-1])  # (M, O)
-        grad_w = _gemm(grad_2d.t(), x.reshape(-1, x.shape[-1]).t()) if need_w else None  # (O, M) @ (M, I)
+        grad_w = _gemm(grad_2d.t(), x.reshape(-1, x.shape[-1]).t(), None) if need_w else None  # (O, M) @ (M, I)
         grad_b = grad_2d.sum(0) if need_b else None  # (O,)
         return grad_x, grad_w, grad_b
 
@@ -151,19 +162,42 @@ class OneDNNLinear(nn.Linear):
 
 
 def use_onednn_linears(model: nn.Module) -> nn.Module:
-    """Make every plain `nn.Linear` of `model` (the untied LM head's projection included) an `OneDNNLinear`,
-    in place, and return the model. Only the class changes: parameters, their names and the state_dict are
-    untouched, so it may run before or after loading a checkpoint and before DDP / FSDP2 wrapping.
-    Not covered: a tied LM head (`F.linear` on the embedding matrix), MoE experts (stacked `F.linear`),
-    quantised or packed layers, and subclasses of nn.Linear, which keep their own forward."""
+    """Run every linear map of `model` on oneDNN, in place, and return the model: each plain `nn.Linear`
+    (the untied LM head's projection included) becomes an `OneDNNLinear`, and each module whose `linear`
+    attribute is `F.linear` (the tied LM head, MoE experts: modules that apply a raw weight) gets
+    `onednn_linear` there. Parameters, their names and the state_dict are untouched, so it may run before or
+    after loading a checkpoint and before DDP / FSDP2 wrapping or torch.compile.
+    Not covered: quantised or packed layers, and subclasses of nn.Linear, which keep their own forward."""
     if not packing_available():
         raise ValueError("use_onednn_linears: this PyTorch build has no oneDNN (torch.backends.mkldnn) ops; "
                          "train with train.matmul: aten")
-    linears = [(name, m) for name, m in model.named_modules() if type(m) is nn.Linear]
-    elsewhere = [f"{name} ({m.weight.device})" for name, m in linears if m.weight.device.type != "cpu"]
+    elsewhere = [f"{name} ({p.device})" for name, p in model.named_parameters() if p.device.type != "cpu"]
     if elsewhere:
         raise ValueError(f"use_onednn_linears: oneDNN GEMMs run on the CPU, but {', '.join(elsewhere[:3])} "
                          "are not; move the model to the CPU or train with train.matmul: aten")
-    for _, linear in linears:
-        linear.__class__ = OneDNNLinear
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.__class__ = OneDNNLinear
+        elif getattr(module, "linear", None) is F.linear:
+            module.linear = onednn_linear
     return model
+
+
+def resolve_matmul(matmul: str, device: torch.device, precision: str) -> str:
+    """The recipe's `train.matmul` made concrete: "aten" or "onednn".
+
+    auto: oneDNN for fp32 CPU runs where this build has its ops (training steps 1.3x faster on this AMD CPU,
+    bench/train_throughput.py), aten elsewhere: GPUs, and bf16 autocast, where aten's CPU matmul already calls
+    oneDNN and its training steps measured 5-10% faster than with `onednn_linear`. onednn: CPU, fp32 or bf16."""
+    if matmul == "auto":
+        return "onednn" if device.type == "cpu" and precision == "fp32" and packing_available() else "aten"
+    if matmul == "onednn" and device.type != "cpu":
+        raise ValueError(f"train.matmul=onednn runs on the CPU, but this run is on {device}; "
+                         "use train.matmul=auto or aten (or train.device=cpu)")
+    if matmul == "onednn" and precision not in ("fp32", "bf16"):
+        raise ValueError(f"train.matmul=onednn computes in fp32 or bf16, not train.precision={precision}; "
+                         "use train.matmul=auto or aten")
+    if matmul == "onednn" and not packing_available():
+        raise ValueError("train.matmul=onednn: this PyTorch build has no oneDNN (torch.backends.mkldnn) ops; "
+                         "use train.matmul=auto or aten")
+    return matmul

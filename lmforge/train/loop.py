@@ -6,10 +6,13 @@ the batches and how the model is called; everything below is the same for all of
 Per optimiser step: set the scheduled lr; run `accumulation` micro-batches (the loss of each is its
 token-loss sum over the GLOBAL token count of the step, so accumulation and data parallelism give
 the gradient of one big batch); clip; skip the update if the loss or gradient is not finite; step.
+Under fp16 the loss is scaled before each backward and the gradients unscaled before clipping
+(`grad_scaler`); a step whose scaled gradients overflow is skipped and the scale halved, which the
+NaN/inf guard counts as an overflow, not as a bad step (`lmforge.train.guard`).
 Every `eval.every` steps: validation loss, perplexity and (clm) bits per byte over the first
 `eval.batches` validation batches, the same set under any number of processes. Every `checkpoint.every`
 steps: an atomic checkpoint with everything needed to continue bit for bit (weights, optimiser,
-RNG, loader position, guard). Running again with the same out folder resumes from the latest one.
+RNG, loader position, guard, fp16 loss scale). Running again with the same out folder resumes from the latest one.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import torch
 
 from lmforge.data.loader import ShardLoader
 from lmforge.models import build_model
-from lmforge.nn.packed import use_onednn_linears
+from lmforge.nn.packed import resolve_matmul, use_onednn_linears
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.distributed import Dist, loadable, parallelize, saveable
 from lmforge.train.flops import cached_peak_flops, mfu
@@ -55,6 +58,24 @@ def _autocast(recipe: Recipe, device: torch.device):
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
+    """fp16: dynamic loss scaling (Micikevicius et al. 2018, "Mixed Precision Training", §3.2), torch's
+    defaults: scale 2^16, halved on a step whose gradients overflow (that update is skipped), doubled
+    after 2000 steps in a row without one. On the run's device type (cuda, or cpu: torch >= 2.3)."""
+    return torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+
+def peak_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype whose matmul peak MFU is measured against. fp16 on a CPU: the fp32 peak, because x86
+    CPUs without AVX512-FP16 / AMX-FP16 run fp16 matmuls in a slow fallback (here ~2 GFLOP/s, against
+    ~100 in fp32), which would take minutes to measure and flatter a slow run."""
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16" and device.type != "cpu":
+        return torch.float16
+    return torch.float32
 
 
 def eval_batches(loader: ShardLoader, n_batches: int, d: Dist):
@@ -122,8 +143,6 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
     if rest or accumulation < 1:
         raise ValueError(f"batch.global_batch={b.global_batch} must be a multiple of batch.micro_batch "
                          f"({b.micro_batch}) x processes ({d.world})")
-    if recipe.train.precision == "fp16" and d.device.type != "cuda":
-        raise ValueError("train.precision=fp16 needs a GPU (gradient scaling); use bf16 on the CPU")
 
     objective = get_objective(recipe.data.objective)
     if d.main:  # build the cached tokenizer and shards once, the other ranks wait
@@ -137,14 +156,12 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
     objective.check(cfg, recipe.data)
     torch.manual_seed(seed)
     model = build_model(cfg, device=d.device, seed=seed)
-    if recipe.train.matmul == "onednn":  # swaps layer classes only: before wrapping, same state_dict
-        if d.device.type != "cpu":
-            raise ValueError(f"train.matmul=onednn runs on the CPU, but this run is on {d.device}; "
-                             "use train.matmul=aten (or train.device=cpu)")
-        use_onednn_linears(model)
+    if resolve_matmul(recipe.train.matmul, d.device, recipe.train.precision) == "onednn":
+        use_onednn_linears(model)  # switches matmul functions only: before wrapping, same state_dict
     runner = parallelize(model, recipe.train, d)  # before the optimizer: FSDP2 swaps in sharded parameters
     optimizer = make_optimizer(model, recipe.optim)
     guard = NonFiniteGuard(max_consecutive=recipe.train.max_bad_steps)
+    scaler = grad_scaler(recipe.train.precision, d.device)
     loader = objective.loader(train_src, recipe, tokenizer, rank=d.rank, world_size=d.world, shuffle=True)
     # every rank reads the whole validation order; `eval_batches` gives each its share of one fixed set
     val_loader = objective.loader(val_src, recipe, tokenizer, shuffle=False)
@@ -157,6 +174,8 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
         start = state["step"]
         loader.load_state_dict(state["loader"])
         guard.load_state_dict(state["guard"])
+        if scaler is not None and "scaler" in state:  # absent when the run was not fp16 before
+            scaler.load_state_dict(state["scaler"])
         say(f"resuming {out} from step {start} ({latest.name})")
     elif d.main:
         tokenizer.save(out / "tokenizer")
@@ -165,9 +184,8 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
     if metrics is not None:
         metrics.truncate_after(start)
 
-    scaler = torch.amp.GradScaler("cuda") if recipe.train.precision == "fp16" else None
-    peak_dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float32
-    peak = cached_peak_flops(peak_dtype, d.device.type) * d.world
+    peak_as = peak_dtype(recipe.train.precision, d.device)
+    peak = cached_peak_flops(peak_as, d.device.type) * d.world
     remeasured = False
     eval_bytes = _eval_bytes(val_loader, recipe, tokenizer, d) if objective.bits_per_byte else None
     bar = ProgressBar(steps, start, enabled=d.main)
@@ -184,6 +202,7 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
         counts = d.sum(torch.tensor([n_labels, tokens, flops], dtype=torch.float64))  # one all-reduce
         n_global, step_tokens, step_flops = counts[0], counts[1].item(), counts[2].item()
         loss_total = torch.zeros((), dtype=torch.float64)
+        scale = scaler.get_scale() if scaler else None  # this step's loss scale, before update() changes it
         for i, batch in enumerate(micro):
             sync = contextlib.nullcontext() if d.world == 1 or i == accumulation - 1 else runner.no_sync()
             with sync:
@@ -200,21 +219,27 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
             scaler.unscale_(optimizer)
         grad_norm = clip_grad_norm(model, recipe.optim.grad_clip)
         train_loss = (d.sum(loss_total) / n_global.cpu()).item()
-        if guard.check(train_loss, grad_norm):
+        done = step + 1
+        overflows = guard.overflows
+        if guard.check(train_loss, grad_norm, step=done, scale=scale):
             (scaler.step(optimizer) if scaler else optimizer.step())
         if scaler:
-            scaler.update()
+            scaler.update()  # found inf / nan in unscale_: halve the scale, else count toward growth
         optimizer.zero_grad(set_to_none=True)
-        done = step + 1
+        if guard.overflows > overflows:
+            bar.write(f"step {done}: fp16 gradients overflowed at loss scale {scale:g}; update skipped, "
+                      f"scale halved to {scaler.get_scale():g}")
         seconds = time.perf_counter() - t0
         utilisation = mfu(step_tokens / seconds, step_flops / step_tokens, peak)
         if utilisation > 1.0 and not remeasured and d.device.type == "cpu":
             # beyond the peak: the cached one was measured under load; measure again (every rank: same figure)
             remeasured = True
-            peak = cached_peak_flops(peak_dtype, d.device.type, remeasure=True) * d.world
+            peak = cached_peak_flops(peak_as, d.device.type, remeasure=True) * d.world
             utilisation = mfu(step_tokens / seconds, step_flops / step_tokens, peak)
         last = {"loss": train_loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": step_tokens / seconds,
                 "mfu": utilisation, "skipped": guard.skipped}
+        if scaler:
+            last.update(scale=scale, overflows=guard.overflows)
         if done % recipe.eval.every == 0 or done == steps:
             last.update(evaluate(runner, val_loader, recipe, objective, d, eval_bytes))
             bpb = f"  bpb {last['val_bpb']:.3f}" if "val_bpb" in last else ""
@@ -228,6 +253,8 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
             if d.main:
                 state = {"step": done, "loader": loader.state_dict(), "guard": guard.state_dict(),
                          "val_loss": last.get("val_loss")}
+                if scaler:  # plain numbers (scale, growth tracker, factors): JSON like the rest of state
+                    state["scaler"] = scaler.state_dict()
                 ckpt.save_checkpoint(out, done, model=model_out, optimizer=optimizer_out, state=state,
                                      metric=last.get("val_loss"), keep_last=recipe.checkpoint.keep_last)
                 if "val_loss" in last:

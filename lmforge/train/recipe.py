@@ -39,7 +39,7 @@ def _yaml(text: str) -> Any:
 OBJECTIVES = ("clm", "mlm", "span", "seq2seq")  # see lmforge.train.objectives
 PRECISIONS = ("fp32", "bf16", "fp16")
 PARALLEL = ("ddp", "fsdp")  # see lmforge.train.distributed
-MATMULS = ("aten", "onednn")  # see lmforge.nn.packed.use_onednn_linears
+MATMULS = ("auto", "aten", "onednn")  # see lmforge.nn.packed.resolve_matmul
 
 
 @dataclass
@@ -79,15 +79,19 @@ class BatchSection:
 class TrainSection:
     steps: int = 100  # optimiser steps
     seed: int = 0
-    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + gradient scaler, GPU only)
+    precision: str = "fp32"  # fp32, bf16 (autocast) or fp16 (autocast + dynamic loss scaling: an update whose
+    # gradients overflow is skipped and the scale halved, logged as `scale` / `overflows` in metrics.jsonl);
+    # fp16 runs on GPUs and CPUs, but CPUs without AVX512-FP16 run fp16 matmuls in a slow fallback (debug
+    # recipe steps ~4x slower than fp32 on a Zen 5 CPU): there fp16 is for testing, use bf16 to train
     label_smoothing: float = 0.0
     max_bad_steps: int = 5  # consecutive non-finite steps before the run aborts
     compile: bool = False  # torch.compile the model
     activation_checkpointing: bool = False  # recompute each block's activations in the backward pass
     parallel: str = "ddp"  # under torchrun: ddp (whole model on every process) or fsdp (FSDP2, sharded)
     device: str = "auto"  # auto (cuda if available), cpu or cuda
-    matmul: str = "aten"  # aten (F.linear) or onednn: nn.Linear forward + backward on oneDNN GEMMs, CPU only;
-    # fp32 GEMMs 2-3x faster on AMD CPUs (aten's MKL path lacks AVX-512), steps 1.2-1.5x (bench/train_throughput.py)
+    matmul: str = "auto"  # auto (onednn for fp32 on the CPU, else aten), aten (F.linear) or onednn (CPU, fp32 /
+    # bf16): every linear map (nn.Linear, tied LM head, MoE experts) forward + backward on oneDNN GEMMs; fp32 GEMMs
+    # 2-3x faster on AMD CPUs (aten's MKL path lacks AVX-512), steps ~1.3x (bench/train_throughput.py)
 
 
 @dataclass
@@ -122,6 +126,9 @@ class Recipe:
             raise ValueError(f"train.parallel={self.train.parallel!r} is not supported; choose one of {PARALLEL}")
         if self.train.matmul not in MATMULS:
             raise ValueError(f"train.matmul={self.train.matmul!r} is not supported; choose one of {MATMULS}")
+        if self.train.precision == "fp16" and self.train.matmul == "onednn":
+            raise ValueError("train.matmul=onednn computes in fp32 or bf16, not in train.precision=fp16; "
+                             "use train.matmul=aten (or auto) with fp16, or bf16 with onednn")
         for name in ("batch.seq_len", "batch.micro_batch", "batch.global_batch", "train.steps", "eval.every",
                      "checkpoint.every", "checkpoint.keep_last"):
             section, key = name.split(".")

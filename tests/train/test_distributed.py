@@ -8,6 +8,9 @@ all-reduce or reduce-scatter), so it is not bit-exact with 1 process; on this CP
 tests allow 1e-5 and 1e-4. Validation covers the same sequences under any number of processes (the first
 eval.batches x micro_batch), so the runs with micro-batches of 2 evaluate 8 batches to match the 1-process
 run's 4 batches of 4, and val_loss is held to the loss tolerance too.
+
+The runs keep train.matmul's default, auto, which on this CPU is oneDNN: every linear map (the tied LM head
+included) on `lmforge.nn.packed.onednn_linear`, under DDP's gradient hooks and FSDP2's sharded parameters.
 """
 
 from __future__ import annotations
@@ -101,6 +104,12 @@ def fsdp(tmp_path_factory) -> Path:
 @pytest.mark.slow
 def test_two_process_fsdp_with_accumulation_and_activation_checkpointing_matches_one_process(single, fsdp):
     _assert_same_trajectory(single, fsdp, "2-process FSDP2 + accumulation + activation checkpointing")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_matches_one_process(single, tmp_path):
+    _train(tmp_path, "--train.parallel=ddp", "--batch.micro_batch=2", "--eval.batches=8", processes=2)
+    _assert_same_trajectory(single, tmp_path, "2-process DDP + accumulation")
 
 
 @pytest.mark.slow

@@ -1,4 +1,5 @@
-"""NaN/inf guard: skip bad steps, count them, abort with advice after too many in a row, resume its state."""
+"""NaN/inf guard: skip bad steps, count them, abort with advice after too many in a row, resume its state;
+fp16 overflows of the scaled gradients are the gradient scaler's business and never abort the run."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import math
 
 import pytest
 
-from lmforge.train.guard import NonFiniteError, NonFiniteGuard
+from lmforge.train.guard import MIN_LOSS_SCALE, NonFiniteError, NonFiniteGuard
 
 
 def test_finite_steps_pass_and_bad_ones_are_skipped_and_counted():
@@ -37,7 +38,7 @@ def test_state_round_trips_through_json_and_keeps_counting():
     guard.check(math.nan, 1.0)
     restored = NonFiniteGuard(max_consecutive=3)
     restored.load_state_dict(json.loads(json.dumps(guard.state_dict())))
-    assert restored.state_dict() == {"consecutive": 2, "skipped": 2}
+    assert restored.state_dict() == {"consecutive": 2, "skipped": 2, "overflows": 0}
     with pytest.raises(NonFiniteError):
         restored.check(math.nan, 1.0)
 
@@ -48,3 +49,38 @@ def test_accepts_tensors_and_rejects_bad_limit():
     assert not NonFiniteGuard().check(torch.tensor(float("nan")), torch.tensor(1.0))
     with pytest.raises(ValueError, match="max_consecutive must be >= 1"):
         NonFiniteGuard(max_consecutive=0)
+
+
+def test_fp16_overflows_are_skipped_and_counted_apart_without_aborting():
+    guard = NonFiniteGuard(max_consecutive=1)  # any bad step would abort at once
+    for _ in range(20):  # e.g. the first steps at a too large initial scale, halved each time
+        assert not guard.check(6.9, math.inf, scale=2.0**16)
+    assert not guard.check(6.9, math.nan, scale=MIN_LOSS_SCALE)
+    assert (guard.consecutive, guard.skipped, guard.overflows) == (0, 0, 21)
+    assert guard.check(6.8, 0.7, scale=2.0**10)
+
+
+def test_overflows_neither_add_to_nor_reset_a_run_of_bad_steps():
+    guard = NonFiniteGuard(max_consecutive=2)
+    assert not guard.check(math.nan, math.nan, scale=2.0**16), "a non-finite loss is bad even with a scaler"
+    assert not guard.check(6.9, math.inf, scale=2.0**15)  # an overflow in between
+    assert (guard.consecutive, guard.skipped, guard.overflows) == (1, 1, 1)
+    with pytest.raises(NonFiniteError, match=r"2 consecutive steps.*loss scale=16384.0"):
+        guard.check(math.inf, math.inf, step=3, scale=2.0**14)
+
+
+def test_overflow_below_the_minimum_scale_counts_as_divergence():
+    """At a scale below 1 the loss was scaled down and the gradient still overflowed: halving further
+    cannot help (down to a scale of 0, which overflows forever), so these steps count toward the abort."""
+    guard = NonFiniteGuard(max_consecutive=2)
+    assert not guard.check(6.9, math.inf, scale=MIN_LOSS_SCALE / 2)
+    with pytest.raises(NonFiniteError, match="loss scale=0.25"):
+        guard.check(6.9, math.inf, step=9, scale=MIN_LOSS_SCALE / 4)
+    assert guard.overflows == 0
+
+
+def test_state_without_overflows_loads_as_zero_overflows():
+    """Checkpoints written before fp16 scaling hold only consecutive and skipped."""
+    guard = NonFiniteGuard()
+    guard.load_state_dict({"consecutive": 1, "skipped": 4})
+    assert guard.state_dict() == {"consecutive": 1, "skipped": 4, "overflows": 0}
