@@ -69,7 +69,8 @@ def weight_bytes(model: torch.nn.Module) -> int:
 
 
 def load_models(args):
-    """(our fp32 model, a function building HF's model in a dtype, a description, a prompt maker)."""
+    """(our fp32 model, HF's models by dtype name (fp32, and bf16 if a bf16 row needs it), a description, a
+    prompt maker)."""
     from transformers import AutoModelForCausalLM
 
     if args.model == "small":
@@ -94,12 +95,13 @@ def load_models(args):
 
         def prompt(batch):  # real text, so speculative drafts face a real distribution
             return torch.tensor([ids] * batch)
-    folder = tempfile.mkdtemp(prefix="lmforge-bench-")
-    lmforge.save_hf(ours, folder)
-
-    def hf(dtype):
-        return AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).eval()
-
+    hf_dtypes = {"fp32": torch.float32}
+    if any(WEIGHTS[name] == torch.bfloat16 for name in args.dtypes):
+        hf_dtypes["bf16"] = torch.bfloat16
+    with tempfile.TemporaryDirectory(prefix="lmforge-bench-") as folder:  # removed after loading (500 MB for SmolLM2)
+        lmforge.save_hf(ours, folder)
+        hf = {name: AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa", dtype=dtype).eval()
+              for name, dtype in hf_dtypes.items()}
     return ours, hf, what, prompt
 
 
@@ -150,14 +152,11 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=4)
     args = parser.parse_args()
 
-    ours32, make_hf, what, prompt = load_models(args)
+    ours32, hf_models, what, prompt = load_models(args)
     bandwidth = stream_bandwidth()
     print(f"model: {what}; threads={torch.get_num_threads()}; prompt {args.prompt} tokens, "
           f"{args.new_tokens} new tokens, greedy; medians of {args.repeats} interleaved runs")
     print(f"streaming read bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    hf_models = {"fp32": make_hf(torch.float32)}
-    if any(WEIGHTS[name] == torch.bfloat16 for name in args.dtypes):
-        hf_models["bf16"] = make_hf(torch.bfloat16)
     variants = {}
     for name in args.dtypes:
         variants[name] = make_variant(ours32, name)

@@ -1,14 +1,14 @@
 """Throughput of `data prepare` (documents or pairs -> token shards).
 
-    .venv/bin/python bench/prepare.py [--corpus prose] [--pairs seq2seq] [--vocab-size 8192] [--train-mb 2]
-                                      [--repeats 3] [--batch-docs 256]
+    .venv/bin/python bench/prepare.py [--corpus prose] [--pairs seq2seq] [--mb 30] [--vocab-size 8192]
+                                      [--train-mb 2] [--repeats 3] [--batch-docs 256]
 
 The corpus is `--corpus` (a corpus name, fetched on first use with `fetch_corpus`, or a file,
 folder or glob, read with `iter_documents`; with `--pairs`, a pair corpus or file read with
 `iter_pairs`) or by default the Python standard library's .py files (about 30 MB, already on the
-machine, one document per file: no network). A byte-level BPE tokenizer is trained with
-`train_tokenizer` on the first `--train-mb` of it; then, in the same run, the whole corpus goes
-through
+machine, one document per file: no network; `--mb` keeps the first files up to that size). A byte-level
+BPE tokenizer is trained with `train_tokenizer` on the first `--train-mb` of it; then, in the same run,
+the whole corpus goes through
 
 - `encode`: the Rust engine alone (`encode_batch_fast` on the same batches, ids discarded): the
   ceiling for any pipeline built on it;
@@ -42,16 +42,20 @@ from lmforge.data.shards import TokenShards, prepare, prepare_documents  # noqa:
 from lmforge.tokenizer.train import train_tokenizer  # noqa: E402
 
 
-def stdlib_documents() -> list[str]:
+def stdlib_documents(max_mb: float | None = None) -> list[str]:
+    """The standard library's .py files in sorted path order; with `max_mb`, the first files up to that size."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    docs = []
+    docs, total = [], 0
     for path in sorted(root.rglob("*.py")):
         if "site-packages" in path.parts:
             continue
+        if max_mb is not None and total >= max_mb * 1e6:
+            break
         try:
             docs.append(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, OSError):  # a few test files are deliberately not UTF-8
             continue
+        total += n_bytes(docs[-1])
     return docs
 
 
@@ -63,6 +67,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", help="corpus name, file, folder or glob (default: the stdlib .py files)")
     parser.add_argument("--pairs", choices=PAIR_KINDS, help="the corpus holds pairs of this kind")
+    parser.add_argument("--mb", type=float, help="MB of the default stdlib corpus to use (default: all of it)")
     parser.add_argument("--vocab-size", type=int, default=8192)
     parser.add_argument("--train-mb", type=float, default=2.0, help="MB of the corpus to train the tokenizer on")
     parser.add_argument("--repeats", type=int, default=3)
@@ -70,6 +75,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.pairs and not args.corpus:
         parser.error("--pairs needs --corpus (a pair corpus such as translation-de, or a .jsonl/.tsv file)")
+    if args.mb is not None and args.corpus:
+        parser.error("--mb sizes the default stdlib corpus; drop it with --corpus (or pass a smaller corpus)")
 
     if args.corpus and not Path(args.corpus).exists():
         try:
@@ -81,7 +88,7 @@ def main() -> None:
         texts = [s for pair in items for s in (pair if args.pairs == "seq2seq" else pair[:1])]
         unit = f"{args.pairs} pairs"
     else:
-        items = texts = list(iter_documents(args.corpus)) if args.corpus else stdlib_documents()
+        items = texts = list(iter_documents(args.corpus)) if args.corpus else stdlib_documents(args.mb)
         unit = "documents" if args.corpus else "stdlib .py files"
     mb = sum(n_bytes(x) for item in items for x in ([item] if isinstance(item, str) else item)) / 1e6
     print(f"corpus: {len(items):,} {unit}, {mb:.1f} MB of UTF-8 text; {os.cpu_count()} CPUs")
