@@ -3,6 +3,7 @@ transformers on the same configs, same run.
 
     .venv/bin/python bench/train_throughput.py                              # 3 sizes x {gpt2, llama} x {fp32, bf16}
     .venv/bin/python bench/train_throughput.py --sizes 6x384 --families llama --dtypes bf16 --repeats 9
+    .venv/bin/python bench/train_throughput.py --sizes 6x384 --compile      # every side torch.compile-d
 
 Each size is LAYERSxWIDTH (heads of 64, MLP 4 x width, vocab --vocab, --seq tokens, --batch sequences);
 the default covers a smaller model, the issue's 6 x 384 and a larger one. For every (family, size, dtype)
@@ -105,6 +106,8 @@ def run(family: str, layers: int, width: int, dtype_name: str, args) -> dict[str
         lmforge.save_hf(ours, tmp)
         hf = AutoModelForCausalLM.from_pretrained(tmp, attn_implementation="sdpa").train()
     onednn = use_onednn_linears(copy.deepcopy(ours))
+    if args.compile:  # every side compiled alike; compilation happens in the warm-up rounds
+        ours, onednn, hf = (torch.compile(model) for model in (ours, onednn, hf))
     peaks = {f"peak {name}": fn for name, fn in peak_matmuls(dtype, torch.device("cpu"), PEAK_SIZE).items()}
     fns = {"lmforge": _step_fn(ours, ids, dtype, True), "+oneDNN": _step_fn(onednn, ids, dtype, True),
            "HF": _step_fn(hf, ids, dtype, False), **peaks}
@@ -133,9 +136,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (allocator, BLAS setup)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds; the table shows medians")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile every side's model (lmforge, +oneDNN and HF) before timing")
     args = parser.parse_args(argv)
+    if args.compile and args.warmup < 1:
+        parser.error(f"--compile needs --warmup >= 1 (got {args.warmup}): the first call of a compiled step "
+                     "compiles it and must not be timed")
     print(f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved rounds")
+          f"median of {args.repeats} interleaved rounds{', all sides torch.compile-d' if args.compile else ''}")
     header = (f"{'config':22s} {'peak GFLOP/s':>12s} {'lmforge tok/s':>14s} {'MFU':>6s} {'+oneDNN tok/s':>14s} "
               f"{'MFU':>6s} {'HF tok/s':>9s} {'MFU':>6s}")
     print(header + f" {'ratio':>6s} {'oneDNN ratio':>12s}")

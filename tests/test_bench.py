@@ -268,3 +268,23 @@ def test_train_throughput(tmp_path):
                           out)
         assert int(line[1]) <= int(line[2]) == len(expected), f"bad summary {line[0]!r}"
         check_positive({"geometric-mean ratio": float(line[3])}, line[0])
+
+
+@pytest.mark.slow
+def test_train_throughput_compiled(tmp_path):
+    pytest.importorskip("transformers")
+    out = run_bench("train_throughput.py", "--sizes", "1x64", "--families", "llama", "--dtypes", "fp32",
+                    "--vocab", "256", "--seq", "32", "--batch", "4", "--warmup", "1", "--repeats", "1", "--compile",
+                    tmp_path=tmp_path)
+    match_line(r"^vocab 256, seq 32, batch 4, 1 threads, median of 1 interleaved rounds, all sides "
+               r"torch.compile-d$", out)
+    row = match_line(r"^llama 1x64 fp32 +(.*)$", out)
+    values = numbers(row[1])
+    assert len(values) == 9, f"expected 9 numbers, got {row[1]!r}"
+    check_positive(dict(enumerate(values)), "compiled llama 1x64 fp32")
+
+
+def test_train_throughput_compile_needs_warmup(tmp_path):
+    proc = subprocess.run([sys.executable, str(ROOT / "bench" / "train_throughput.py"), "--compile", "--warmup", "0"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2 and "--compile needs --warmup >= 1 (got 0)" in proc.stderr
