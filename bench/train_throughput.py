@@ -17,6 +17,9 @@ means autocast with fp32 master weights on both sides. The "lmforge" column is `
 lines at the end rate each against HF, and "as trained" the one `lmforge train` runs by default
 (`train.matmul: auto`, `lmforge.nn.packed.resolve_matmul`: oneDNN in fp32 on the CPU, aten in bf16).
 
+Memory: glibc's malloc keeps freed memory for reuse (`lmforge.train.allocator.keep_freed_memory`, what
+`lmforge train` does on the CPU) for every side, as it is process-wide; `--default-malloc` leaves it alone.
+
 Timing: after warm-up, rounds of (lmforge step, lmforge+oneDNN step, HF step, the peak matmuls) are
 interleaved so machine noise hits all alike; the table shows medians over the rounds: tokens/s, MFU (model
 FLOPs per token, as `lmforge.train.flops.flops_per_token`, over the peak of a 2048 x 2048 matmul of the
@@ -41,6 +44,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import lmforge  # noqa: E402
 from lmforge.nn.packed import resolve_matmul, use_onednn_linears  # noqa: E402
+from lmforge.train.allocator import keep_freed_memory  # noqa: E402
 from lmforge.train.flops import flops_per_token, peak_matmuls  # noqa: E402
 from lmforge.train.loss import token_loss  # noqa: E402
 from lmforge.train.optim import OptimConfig, make_optimizer  # noqa: E402
@@ -136,14 +140,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first (allocator, BLAS setup)")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds; the table shows medians")
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's malloc as it is; by default freed memory is kept for reuse, as "
+                             "`lmforge train` does on the CPU (train.keep_freed_memory), for every side alike")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every side's model (lmforge, +oneDNN and HF) before timing")
     args = parser.parse_args(argv)
     if args.compile and args.warmup < 1:
         parser.error(f"--compile needs --warmup >= 1 (got {args.warmup}): the first call of a compiled step "
                      "compiles it and must not be timed")
+    kept = not args.default_malloc and keep_freed_memory()  # process-wide: every side runs with it
     print(f"vocab {args.vocab}, seq {args.seq}, batch {args.batch}, {torch.get_num_threads()} threads, "
-          f"median of {args.repeats} interleaved rounds{', all sides torch.compile-d' if args.compile else ''}")
+          f"median of {args.repeats} interleaved rounds{', all sides torch.compile-d' if args.compile else ''}"
+          f"{', freed memory kept (train.keep_freed_memory)' if kept else ''}")
     header = (f"{'config':22s} {'peak GFLOP/s':>12s} {'lmforge tok/s':>14s} {'MFU':>6s} {'+oneDNN tok/s':>14s} "
               f"{'MFU':>6s} {'HF tok/s':>9s} {'MFU':>6s}")
     print(header + f" {'ratio':>6s} {'oneDNN ratio':>12s}")

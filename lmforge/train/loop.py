@@ -29,6 +29,7 @@ from lmforge.data.loader import ShardLoader
 from lmforge.models import build_model
 from lmforge.nn.packed import resolve_matmul, use_onednn_linears
 from lmforge.train import checkpoint as ckpt
+from lmforge.train.allocator import keep_freed_memory
 from lmforge.train.distributed import Dist, loadable, parallelize, saveable
 from lmforge.train.flops import cached_peak_flops, mfu
 from lmforge.train.guard import NonFiniteGuard
@@ -154,6 +155,8 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
 
     cfg = model_config(recipe.model.preset, recipe.model.overrides, tokenizer)
     objective.check(cfg, recipe.data)
+    if recipe.train.keep_freed_memory and d.device.type == "cpu":
+        keep_freed_memory()  # process-wide; a no-op off glibc
     torch.manual_seed(seed)
     model = build_model(cfg, device=d.device, seed=seed)
     if resolve_matmul(recipe.train.matmul, d.device, recipe.train.precision) == "onednn":
