@@ -10,22 +10,14 @@ ratio lmforge / HF (> 1 means lmforge is faster). Both use SDPA attention in fp3
 
 from __future__ import annotations
 
-import os
-import sys
+import argparse
+import statistics
+import tempfile
+import time
 
-# bench/tokenize.py shadows the standard library's `tokenize` (imported by linecache, which torch's
-# import reaches) while this folder is sys.path[0]; drop that entry before anything imports it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
+import torch
 
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-
-import torch  # noqa: E402
-
-import lmforge  # noqa: E402
+import lmforge
 
 
 def _time(fn, repeats: int) -> list[float]:

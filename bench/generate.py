@@ -24,16 +24,12 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]  # bench/tokenize.py
+import torch
 
-import torch  # noqa: E402
-
-import lmforge  # noqa: E402
+import lmforge
 
 WEIGHTS = {"fp32": torch.float32, "fp32-packed": torch.float32, "bf16": torch.bfloat16,
            "bf16-packed": torch.bfloat16, "int8": "int8", "int4": "int4"}

@@ -21,25 +21,18 @@ Prints MB/s of UTF-8 text and tokens/s for each (best of --repeats) and prepare'
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
 
-# bench/tokenize.py shadows the standard library's `tokenize` (imported by linecache, which torch's
-# import reaches) while this folder is sys.path[0]; drop that entry before anything imports it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import sysconfig  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from collections.abc import Callable  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from lmforge.data.corpora import fetch_corpus, iter_documents, iter_pairs  # noqa: E402
-from lmforge.data.pair_shards import PAIR_KINDS, prepare_pair_inputs, prepare_pairs  # noqa: E402
-from lmforge.data.shards import TokenShards, prepare, prepare_documents  # noqa: E402
-from lmforge.tokenizer.train import train_tokenizer  # noqa: E402
+from lmforge.data.corpora import fetch_corpus, iter_documents, iter_pairs
+from lmforge.data.pair_shards import PAIR_KINDS, prepare_pair_inputs, prepare_pairs
+from lmforge.data.shards import TokenShards, prepare, prepare_documents
+from lmforge.tokenizer.train import train_tokenizer
 
 
 def stdlib_documents(max_mb: float | None = None) -> list[str]:

@@ -32,22 +32,18 @@ from __future__ import annotations
 import argparse
 import copy
 import statistics
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).parent.resolve()]  # bench/tokenize.py
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-import lmforge  # noqa: E402
-from lmforge.nn.packed import resolve_matmul, use_onednn_linears  # noqa: E402
-from lmforge.train.allocator import keep_freed_memory  # noqa: E402
-from lmforge.train.flops import flops_per_token, peak_matmuls  # noqa: E402
-from lmforge.train.loss import token_loss  # noqa: E402
-from lmforge.train.optim import OptimConfig, make_optimizer  # noqa: E402
+import lmforge
+from lmforge.nn.packed import resolve_matmul, use_onednn_linears
+from lmforge.train.allocator import keep_freed_memory
+from lmforge.train.flops import flops_per_token, peak_matmuls
+from lmforge.train.loss import token_loss
+from lmforge.train.optim import OptimConfig, make_optimizer
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FAMILIES = {"gpt2": "debug-gpt2", "llama": "debug-llama"}

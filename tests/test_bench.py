@@ -151,13 +151,13 @@ def test_generate_smollm2(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
-# tokenize.py: tokenizer training and encode throughput vs plain `tokenizers`
+# tokenizer_speed.py: tokenizer training and encode throughput vs plain `tokenizers`
 # ---------------------------------------------------------------------------------------------
 
 def test_tokenize(tmp_path):
     kinds = ["bpe", "wordpiece", "unigram"]
-    out = run_bench("tokenize.py", "--mb", "0.1", "--vocab-size", "300", "--kinds", ",".join(kinds), "--repeats", "1",
-                    tmp_path=tmp_path)
+    out = run_bench("tokenizer_speed.py", "--mb", "0.1", "--vocab-size", "300", "--kinds", ",".join(kinds),
+                    "--repeats", "1", tmp_path=tmp_path)
     match_line(r"^corpus: \d+ stdlib \.py files, [\d.]+ MB; \d+ CPUs; TOKENIZERS_PARALLELISM=", out)
     rows = re.findall(rf"^(\w+) +vocab=(\d+) train ({NUMBER}) s \(({NUMBER}) MB/s\)  tokens=(\d+) \(({NUMBER}) "
                       rf"bytes/token\)  encode ours ({NUMBER}) MB/s, plain tokenizers ({NUMBER}) MB/s, "

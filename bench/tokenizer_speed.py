@@ -1,6 +1,6 @@
 """Tokenizer training time and encode throughput: lmforge's pipeline vs plain `tokenizers`, same text, same run.
 
-    .venv/bin/python bench/tokenize.py [--mb 20] [--vocab-size 8192] [--kinds bpe] [--repeats 5]
+    .venv/bin/python bench/tokenizer_speed.py [--mb 20] [--vocab-size 8192] [--kinds bpe] [--repeats 5]
 
 The corpus is the Python standard library's .py files on this machine (sysconfig's "stdlib" path,
 sorted, the first --mb megabytes; no network), one document per file. For each kind it trains a
@@ -12,21 +12,14 @@ interleaved, and prints the medians in MB/s and their ratio (> 1 means ours is f
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
+import statistics
+import sysconfig
+import time
+from pathlib import Path
 
-# This file's name shadows the standard library's `tokenize` (imported by inspect, linecache, ...)
-# while its folder is sys.path[0]; drop that entry before anything imports it.
-if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
-    sys.path.pop(0)
-
-import argparse  # noqa: E402
-import statistics  # noqa: E402
-import sysconfig  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from lmforge.tokenizer import train_tokenizer  # noqa: E402
+from lmforge.tokenizer import train_tokenizer
 
 
 def stdlib_corpus(max_mb: float) -> list[str]:
