@@ -186,7 +186,7 @@ def use_onednn_linears(model: nn.Module) -> nn.Module:
 def resolve_matmul(matmul: str, device: torch.device, precision: str) -> str:
     """The recipe's `train.matmul` made concrete: "aten" or "onednn".
 
-    auto: oneDNN for fp32 CPU runs where this build has its ops (training steps 1.3x faster on this AMD CPU,
+    auto: oneDNN for fp32 CPU runs where this build has its ops (training steps 1.5-1.7x faster on this AMD CPU,
     bench/train_throughput.py), aten elsewhere: GPUs, and bf16 autocast, where aten's CPU matmul already calls
     oneDNN and its training steps measured 5-10% faster than with `onednn_linear`. onednn: CPU, fp32 or bf16."""
     if matmul == "auto":

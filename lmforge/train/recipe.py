@@ -94,7 +94,7 @@ class TrainSection:
     device: str = "auto"  # auto (cuda if available), cpu or cuda
     matmul: str = "auto"  # auto (onednn for fp32 on the CPU, else aten), aten (F.linear) or onednn (CPU, fp32 /
     # bf16): every linear map (nn.Linear, tied LM head, MoE experts) forward + backward on oneDNN GEMMs; fp32 GEMMs
-    # 2-3x faster on AMD CPUs (aten's MKL path lacks AVX-512), steps ~1.3x (bench/train_throughput.py)
+    # 2-3x faster on AMD CPUs (aten's MKL path lacks AVX-512), steps 1.5-1.7x (bench/train_throughput.py)
 
 
 @dataclass
