@@ -16,7 +16,7 @@ import torch
 from lmforge.train.allocator import keep_freed_memory
 tuned = keep_freed_memory() if sys.argv[1] == "keep" else None
 faults = []
-for _ in range(4):
+for _ in range(8):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     x = torch.ones(16 << 20)  # 64 MiB, touched
     del x
@@ -37,6 +37,7 @@ def test_freed_memory_is_reused_without_page_faults():
     default, kept = _probe("default"), _probe("keep")
     assert kept["tuned"] is True
     # glibc's default hands a 64 MiB block back to the OS on free: every round faults all its pages in again
-    assert min(default["faults"][2:]) > pages // 2, default
-    # kept: the first rounds fault the pages in (the heap grows), the later ones reuse them
-    assert max(kept["faults"][2:]) < pages // 20, kept
+    assert min(default["faults"][4:]) > pages // 2, default
+    # kept: the first rounds fault pages in while the heap grows (once or twice, depending on what else was
+    # allocated in between), the steady state reuses them
+    assert max(kept["faults"][4:]) < pages // 20, kept
