@@ -25,6 +25,13 @@ interleaved so machine noise hits all alike; the table shows medians over the ro
 FLOPs per token, as `lmforge.train.flops.flops_per_token`, over the peak of a 2048 x 2048 matmul of the
 same dtype timed in the same rounds: the faster median of aten's and oneDNN's kernels, as
 `lmforge.train.flops.measure_peak_flops`) and the ratios lmforge / HF and lmforge+oneDNN / HF.
+
+`--breakdown` adds, per configuration, where one step of lmforge (as trained) and of HF spends its time,
+from torch.profiler's self times over a few profiled steps: matmuls (GEMM kernels: aten mm / addmm / bmm,
+oneDNN `_linear_pointwise`), attention (SDPA's fused kernels, forward and backward) and everything else
+(norms, activations, casts, copies, loss, optimiser, Python). "bound" is the MFU the measured step would
+reach if everything else took no time: MFU / (matmul + attention share). It says how far fusing and
+trimming the elementwise work can go before the matmul and attention kernels themselves must get faster.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FAMILIES = {"gpt2": "debug-gpt2", "llama": "debug-llama"}
 PEAK_SIZE = 2048
 SIDES = ("lmforge", "+oneDNN", "HF")
+GEMM_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_addmm_activation",
+            "mkldnn::_linear_pointwise"}
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -91,8 +100,29 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
-def run(family: str, layers: int, width: int, dtype_name: str, args) -> dict[str, float]:
-    """Median tokens/s of the three sides and the best kernel's median peak FLOP/s, for one configuration."""
+def breakdown(step, rounds: int = 3) -> dict[str, float]:
+    """Shares of one step's wall time spent in matmul kernels and in fused attention kernels (profiler self
+    times summed over `rounds` profiled steps); the rest is everything else."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(rounds):
+            step()
+        wall = time.perf_counter() - start
+    gemm = attention = 0.0
+    for event in prof.key_averages():
+        if event.key in GEMM_OPS:
+            gemm += event.self_cpu_time_total
+        elif "scaled_dot_product" in event.key or "flash_attention" in event.key:
+            attention += event.self_cpu_time_total
+    total = wall * 1e6  # profiler times are in microseconds
+    return {"matmul": gemm / total, "attention": attention / total}
+
+
+def run(family: str, layers: int, width: int, dtype_name: str, args) -> dict:
+    """Median tokens/s of the three sides and the best kernel's median peak FLOP/s, for one configuration
+    (with --breakdown, the time shares of lmforge as trained and of HF too)."""
     from transformers import AutoModelForCausalLM
 
     overrides = dict(n_layer=layers, d_model=width, vocab_size=args.vocab,
@@ -122,6 +152,10 @@ def run(family: str, layers: int, width: int, dtype_name: str, args) -> dict[str
     result = {name: tokens / statistics.median(times[name]) for name in SIDES}
     result["peak"] = max(2 * PEAK_SIZE**3 / statistics.median(times[name]) for name in peaks)
     result["flops_per_token"] = flops_per_token(cfg, args.seq)
+    # the side `lmforge train` runs by default (train.matmul: auto)
+    result["trained"] = "+oneDNN" if resolve_matmul("auto", torch.device("cpu"), dtype_name) == "onednn" else "lmforge"
+    if args.breakdown:
+        result["breakdown"] = {"lmforge": breakdown(fns[result["trained"]]), "HF": breakdown(fns["HF"])}
     return result
 
 
@@ -141,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
                              "`lmforge train` does on the CPU (train.keep_freed_memory), for every side alike")
     parser.add_argument("--compile", action="store_true",
                         help="torch.compile every side's model (lmforge, +oneDNN and HF) before timing")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="also profile lmforge (as trained) and HF: time shares of matmuls, attention and the "
+                             "rest, and the MFU bound if the rest took no time")
     args = parser.parse_args(argv)
     if args.compile and args.warmup < 1:
         parser.error(f"--compile needs --warmup >= 1 (got {args.warmup}): the first call of a compiled step "
@@ -152,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
     header = (f"{'config':22s} {'peak GFLOP/s':>12s} {'lmforge tok/s':>14s} {'MFU':>6s} {'+oneDNN tok/s':>14s} "
               f"{'MFU':>6s} {'HF tok/s':>9s} {'MFU':>6s}")
     print(header + f" {'ratio':>6s} {'oneDNN ratio':>12s}")
-    rows, onednn_rows, default_rows = [], [], []
+    rows, onednn_rows, default_rows, breakdowns = [], [], [], []
     for layers, width in args.sizes:
         for family in args.families:
             for dtype_name in args.dtypes:
@@ -161,12 +198,23 @@ def main(argv: list[str] | None = None) -> None:
                 ratio, onednn_ratio = r["lmforge"] / r["HF"], r["+oneDNN"] / r["HF"]
                 rows.append(ratio)
                 onednn_rows.append(onednn_ratio)
-                default = resolve_matmul("auto", torch.device("cpu"), dtype_name)
-                default_rows.append(onednn_ratio if default == "onednn" else ratio)
+                default_rows.append(onednn_ratio if r["trained"] == "+oneDNN" else ratio)
                 label = f"{family} {layers}x{width} {dtype_name}"
                 print(f"{label:22s} {r['peak'] / 1e9:12.0f} {r['lmforge']:14.0f} {mfu['lmforge']:6.1%} "
                       f"{r['+oneDNN']:14.0f} {mfu['+oneDNN']:6.1%} {r['HF']:9.0f} {mfu['HF']:6.1%} {ratio:6.2f} "
                       f"{onednn_ratio:12.2f}", flush=True)
+                if args.breakdown:
+                    for side, shares in r["breakdown"].items():
+                        kernels = shares["matmul"] + shares["attention"]
+                        mfu_side = mfu[r["trained"] if side == "lmforge" else side]
+                        breakdowns.append((label, side, shares, 1 - kernels, mfu_side, mfu_side / kernels))
+    if breakdowns:
+        print("\nwhere a step's time goes (profiled; lmforge as trained): matmul, attention, the rest; MFU as "
+              "measured, and its bound if the rest took no time")
+        print(f"{'config':22s} {'side':8s} {'matmul':>7s} {'attn':>6s} {'rest':>6s} {'MFU':>6s} {'bound':>6s}")
+        for label, side, shares, rest, mfu_side, bound in breakdowns:
+            print(f"{label:22s} {side:8s} {shares['matmul']:7.1%} {shares['attention']:6.1%} {rest:6.1%} "
+                  f"{mfu_side:6.1%} {bound:6.1%}")
     for name, ratios in (("lmforge (aten)", rows), ("lmforge+oneDNN", onednn_rows),
                          ("lmforge as trained (train.matmul: auto)", default_rows)):
         print(f"{name} ahead of HF in {sum(r > 1 for r in ratios)} of {len(ratios)} configurations; "

@@ -21,8 +21,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.data.fetch import MARKER, default_cache_dir
+from lmforge.nn.packed import resolve_matmul
 
 ROOT = Path(__file__).resolve().parents[1]
 NUMBER = r"[-+]?(?:\d[\d,]*\.?\d*|\.\d+)(?:e[-+]?\d+)?|nan|inf"
@@ -249,13 +251,14 @@ def test_train_throughput(tmp_path):
     families, dtypes = ["gpt2", "llama"], ["fp32", "bf16"]
     out = run_bench("train_throughput.py", "--sizes", "1x64", "--families", *families, "--dtypes", *dtypes,
                     "--vocab", "256", "--seq", "32", "--batch", "4", "--warmup", "0", "--repeats", "1",
-                    tmp_path=tmp_path)
+                    "--breakdown", tmp_path=tmp_path)
     match_line(r"^vocab 256, seq 32, batch 4, 1 threads, median of 1 interleaved rounds"
                r"(, freed memory kept \(train\.keep_freed_memory\))?$", out)
     match_line(r"^config +peak GFLOP/s +lmforge tok/s +MFU +\+oneDNN tok/s +MFU +HF tok/s +MFU +ratio +oneDNN ratio$",
                out)
     expected = [f"{f} 1x64 {d}" for f in families for d in dtypes]
-    rows = re.findall(r"^((?:gpt2|llama) \d+x\d+ \w+) +(.*)$", out, re.MULTILINE)
+    # the timing rows start with a number (--breakdown's rows with a side name)
+    rows = re.findall(r"^((?:gpt2|llama) \d+x\d+ \w+) +(\d.*)$", out, re.MULTILINE)
     assert [label for label, _ in rows] == expected, f"rows {rows} != configurations {expected}"
     names = ["peak GFLOP/s", "lmforge tok/s", "MFU", "+oneDNN tok/s", "MFU oneDNN", "HF tok/s", "MFU HF", "ratio",
              "oneDNN ratio"]
@@ -264,6 +267,20 @@ def test_train_throughput(tmp_path):
         assert len(values) == len(names), f"{label}: expected {len(names)} numbers, got {rest!r}"
         check_positive(dict(zip(names, values)), label)
         assert rest.count("%") == 3, f"{label}: three MFU percentages expected in {rest!r}"
+    mfus = {label: numbers(rest) for label, rest in rows}
+    match_line(r"^config +side +matmul +attn +rest +MFU +bound$", out)
+    shares = re.findall(r"^((?:gpt2|llama) \d+x\d+ \w+) +(lmforge|HF) +(.*)$", out, re.MULTILINE)
+    assert [(label, side) for label, side, _ in shares] == [(c, s) for c in expected for s in ("lmforge", "HF")]
+    for label, side, rest in shares:
+        matmul, attention, other, mfu, bound = (v / 100 for v in numbers(rest))
+        assert rest.count("%") == 5, f"{label} {side}: five percentages expected in {rest!r}"
+        assert 0 < matmul < 1 and 0 < attention < 1 and 0 <= other < 1, f"{label} {side}: shares {rest!r}"
+        assert abs(matmul + attention + other - 1) < 2e-3, f"{label} {side}: shares do not add up to 100%: {rest!r}"
+        onednn = resolve_matmul("auto", torch.device("cpu"), label.split()[-1]) == "onednn"
+        trained = "+oneDNN" if side == "lmforge" and onednn else side  # lmforge's row is the step it trains with
+        column = {"lmforge": 2, "+oneDNN": 4, "HF": 6}[trained]  # the MFU columns of the timing table
+        assert abs(mfu - mfus[label][column] / 100) < 2e-3, f"{label} {side}: MFU {mfu} is not the table's"
+        assert abs(bound - mfu / (matmul + attention)) < 0.01 * bound + 2e-3, f"{label} {side}: bound {rest!r}"
     for name in (r"lmforge \(aten\)", "lmforge\\+oneDNN", r"lmforge as trained \(train\.matmul: auto\)"):
         line = match_line(rf"^{name} ahead of HF in (\d+) of (\d+) configurations; geometric-mean ratio ({NUMBER})$",
                           out)
