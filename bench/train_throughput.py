@@ -27,11 +27,12 @@ same dtype timed in the same rounds: the faster median of aten's and oneDNN's ke
 `lmforge.train.flops.measure_peak_flops`) and the ratios lmforge / HF and lmforge+oneDNN / HF.
 
 `--breakdown` adds, per configuration, where one step of lmforge (as trained) and of HF spends its time,
-from torch.profiler's self times over a few profiled steps: matmuls (GEMM kernels: aten mm / addmm / bmm,
-oneDNN `_linear_pointwise`), attention (SDPA's fused kernels, forward and backward) and everything else
-(norms, activations, casts, copies, loss, optimiser, Python). "bound" is the MFU the measured step would
-reach if everything else took no time: MFU / (matmul + attention share). It says how far fusing and
-trimming the elementwise work can go before the matmul and attention kernels themselves must get faster.
+from torch.profiler's event tree over a few profiled steps: matmuls (GEMM kernels: aten mm / addmm / bmm,
+oneDNN `_linear_pointwise`) outside attention, attention (torch's SDPA or lmforge's MatmulAttention, forward
+and backward, all they run) and everything else (norms, activations, casts, copies, loss, optimiser,
+Python). "bound" is the MFU the measured step would reach if everything else took no time: MFU / (matmul +
+attention share). It says how far fusing and trimming the elementwise work can go before the matmul and
+attention kernels themselves must get faster.
 """
 
 from __future__ import annotations
@@ -100,9 +101,16 @@ def _timed(fn) -> float:
     return time.perf_counter() - start
 
 
+def _is_attention(name: str) -> bool:
+    """torch's SDPA (the op, its fused kernels and their backward nodes) and lmforge's MatmulAttention."""
+    flat = name.lower().replace("_", "")
+    return "scaleddotproduct" in flat or "flashattention" in flat or "matmulattention" in flat
+
+
 def breakdown(step, rounds: int = 3) -> dict[str, float]:
-    """Shares of one step's wall time spent in matmul kernels and in fused attention kernels (profiler self
-    times summed over `rounds` profiled steps); the rest is everything else."""
+    """Shares of a step's wall time spent in matmul kernels and in attention, from the profiler's event tree
+    over `rounds` profiled steps: an attention event counts whole (its own matmuls, softmax and copies too),
+    a GEMM op outside attention counts its self time; the rest is everything else."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -110,14 +118,21 @@ def breakdown(step, rounds: int = 3) -> dict[str, float]:
         for _ in range(rounds):
             step()
         wall = time.perf_counter() - start
-    gemm = attention = 0.0
-    for event in prof.key_averages():
-        if event.key in GEMM_OPS:
-            gemm += event.self_cpu_time_total
-        elif "scaled_dot_product" in event.key or "flash_attention" in event.key:
-            attention += event.self_cpu_time_total
-    total = wall * 1e6  # profiler times are in microseconds
-    return {"matmul": gemm / total, "attention": attention / total}
+    totals = {"matmul": 0.0, "attention": 0.0}
+
+    def walk(event) -> None:
+        if _is_attention(event.name):
+            totals["attention"] += event.cpu_time_total
+            return
+        if event.name in GEMM_OPS:
+            totals["matmul"] += event.self_cpu_time_total
+        for child in event.cpu_children:
+            walk(child)
+
+    for event in prof.events():
+        if event.cpu_parent is None:
+            walk(event)
+    return {name: us / (wall * 1e6) for name, us in totals.items()}  # profiler times are in microseconds
 
 
 def run(family: str, layers: int, width: int, dtype_name: str, args) -> dict:
