@@ -99,60 +99,73 @@ class MatmulAttention(torch.autograd.Function):
     """softmax(Q K^T * scale + bias) V as four batched matmuls around a materialised (B, H, T, S) score
     tensor, with its own backward: exact attention, the fast path for short sequences in bf16 on the CPU.
 
-    Forward is `eager_attention`'s arithmetic (scores from a bf16 matmul, softmax in fp32, probabilities
-    cast back); it keeps only the bf16 probabilities P for backward. Backward is the softmax Jacobian
-    (as in FlashAttention's backward, Dao et al. 2022, Alg. 4, without tiling): dV = P^T dO, dP = dO V^T,
-    dS = P * (dP - rowsum(dP * P)) (`_softmax_backward_data`, one pass), dQ = scale dS K, dK = scale dS^T Q.
+    Forward is `eager_attention`'s arithmetic (scores from a matmul in the inputs' dtype, softmax in fp32,
+    probabilities cast back, then dropout: kept ones scaled by 1 / (1 - p)); it keeps only the probabilities
+    P (inputs' dtype) and the dropout mask for backward. Backward is the softmax Jacobian (as in
+    FlashAttention's backward, Dao et al. 2022, Alg. 4, without tiling), with Z = dropout(P):
+    dV = Z^T dO, dZ = dO V^T, dP = dropout's mask applied to dZ, dS = P * (dP - rowsum(dP * P))
+    (`_softmax_backward_data`, one pass), dQ = scale dS K, dK = scale dS^T Q.
     q (B, H, T, D), k and v (B, H, S, D) (GQA heads already repeated), bias (B|1, H|1, T, S) or None,
-    taking no gradient."""
+    taking no gradient; keep (B, H, T, S) bool or None: which probabilities dropout keeps."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale: float):
+    def forward(ctx, q, k, v, bias, scale: float, keep, dropout: float):
         scores = torch.matmul(q, k.transpose(-2, -1)).to(_softmax_dtype(q.dtype)).mul_(scale)  # (B, H, T, S)
         if bias is not None:
             scores.add_(bias)
         probs = torch.softmax(scores, dim=-1).to(q.dtype)
-        ctx.save_for_backward(q, k, v, probs)
-        ctx.scale = scale
-        return torch.matmul(probs, v)  # (B, H, T, D)
+        ctx.save_for_backward(q, k, v, probs, keep)
+        ctx.scale, ctx.dropout = scale, dropout
+        return torch.matmul(_drop(probs, keep, dropout), v)  # (B, H, T, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        q, k, v, probs = ctx.saved_tensors
-        grad_v = torch.matmul(probs.transpose(-2, -1), grad)  # (B, H, S, D)
-        grad_probs = torch.matmul(grad, v.transpose(-2, -1))  # (B, H, T, S)
+        q, k, v, probs, keep = ctx.saved_tensors
+        grad_v = torch.matmul(_drop(probs, keep, ctx.dropout).transpose(-2, -1), grad)  # (B, H, S, D)
+        grad_probs = _drop(torch.matmul(grad, v.transpose(-2, -1)), keep, ctx.dropout)  # (B, H, T, S)
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
-        return grad_q, grad_k, grad_v, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None
+
+
+def _drop(x: torch.Tensor, keep: torch.Tensor | None, dropout: float) -> torch.Tensor:
+    """Inverted dropout with a given mask: x * keep / (1 - p), as F.dropout computes it."""
+    return x if keep is None else x * keep * (1.0 / (1.0 - dropout))
+
+
+def dropout_keep(shape: torch.Size, dropout: float, device: torch.device) -> torch.Tensor:
+    """The mask of kept probabilities (bool, True with probability 1 - dropout), from torch's global RNG."""
+    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - dropout)
 
 
 # Largest T x S score matrix (per batch row and head) for which `sdpa_attention` takes MatmulAttention:
 # measured here (bf16, 2 threads, training step of attention at 2048 tokens per batch) 5.8x faster than
 # torch's CPU flash kernel at T = 64, 2.7x at 256, 2.4x at 512, but only 1.1-1.4x at 1024-2048, where the
 # saved probabilities (2 bytes per score) outgrow the activations; flash attention's memory wins there.
+# With attention dropout torch has no CPU flash kernel and runs its unfused math path: 2x slower still.
 MATMUL_MAX_SCORES = 512 * 512
 
 
 def matmul_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout: float = 0.0
 ) -> torch.Tensor:
-    """Attention through `MatmulAttention` (no dropout; the mask's bias must take no gradient)."""
+    """Attention through `MatmulAttention`; the mask's bias must take no gradient."""
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
+    T, S = q.shape[-2], k.shape[-2]
     bias = mask.bias
     if mask.is_causal:
-        T, S = q.shape[-2], k.shape[-2]
         dtype = _softmax_dtype(q.dtype)
         bias = torch.full((T, S), torch.finfo(dtype).min, dtype=dtype, device=q.device).triu_(1)
-    return MatmulAttention.apply(q, k, v, bias, scale)
+    keep = dropout_keep((*q.shape[:-1], S), dropout, q.device) if dropout > 0 else None  # (B, H, T, S)
+    return MatmulAttention.apply(q, k, v, bias, scale, keep, dropout)
 
 
-def _matmul_is_faster(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask, dropout: float) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and dropout == 0.0
-            and q.shape[-2] * k.shape[-2] <= MATMUL_MAX_SCORES
+def _matmul_is_faster(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] * k.shape[-2] <= MATMUL_MAX_SCORES
             and (mask.bias is None or not mask.bias.requires_grad))
 
 
@@ -160,10 +173,10 @@ def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout: float = 0.0
 ) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention (FlashAttention / memory-efficient kernels on GPU), or,
-    on the CPU in bf16 for short sequences (T x S <= MATMUL_MAX_SCORES, no dropout), `matmul_attention`,
-    which is faster there than torch's CPU flash kernel."""
-    if _matmul_is_faster(q, k, mask, dropout):
-        return matmul_attention(q, k, v, mask, scale)
+    on the CPU in bf16 for short sequences (T x S <= MATMUL_MAX_SCORES), `matmul_attention`, which is
+    faster there than torch's CPU kernels."""
+    if _matmul_is_faster(q, k, mask):
+        return matmul_attention(q, k, v, mask, scale, dropout)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=mask.bias, dropout_p=dropout, is_causal=mask.is_causal, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],

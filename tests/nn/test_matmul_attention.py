@@ -1,6 +1,6 @@
 """MatmulAttention, the CPU bf16 fast path of the sdpa backend: forward and backward against the eager
-reference (float64, every mask case), its gradient against finite differences, its bf16 error against
-torch's flash kernel's, and when `sdpa_attention` takes it.
+reference (float64, every mask case), its gradient against finite differences, dropout against the formula
+with the same mask, its bf16 error against torch's flash kernel's, and when `sdpa_attention` takes it.
 
 Shapes: B batch, H query heads, K key/value heads, T queries, S keys, D head dim.
 """
@@ -17,6 +17,7 @@ from lmforge.nn.attention import (
     AttentionMask,
     MatmulAttention,
     build_attention_mask,
+    dropout_keep,
     eager_attention,
     matmul_attention,
     sdpa_attention,
@@ -64,7 +65,41 @@ def test_backward_matches_finite_differences(case):
         bias = torch.full((T, S), torch.finfo(torch.float64).min, dtype=torch.float64).triu_(1)
     g = torch.Generator().manual_seed(2)
     q, k, v = (torch.randn(2, H, n, 4, generator=g, dtype=torch.float64, requires_grad=True) for n in (T, S, S))
-    assert torch.autograd.gradcheck(lambda q, k, v: MatmulAttention.apply(q, k, v, bias, 0.5), (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: MatmulAttention.apply(q, k, v, bias, 0.5, None, 0.0), (q, k, v))
+    keep = dropout_keep((2, H, T, S), 0.3, torch.device("cpu"))  # the same check with a fixed dropout mask
+    assert torch.autograd.gradcheck(lambda q, k, v: MatmulAttention.apply(q, k, v, bias, 0.5, keep, 0.3), (q, k, v))
+
+
+@pytest.mark.parametrize("n_kv_head", [8, 2], ids=lambda k: f"kv{k}")
+def test_dropout_matches_the_formula_with_its_mask(n_kv_head):
+    """Attention dropout (Vaswani et al. 2017 §5.4; F.dropout's inverted scaling) on the probabilities, with the
+    mask `dropout_keep` draws: output and gradients equal softmax(...) * keep / (1 - p) @ V written out."""
+    B, p = 2, 0.3
+    mask, T, S, _ = _mask_for(MASK_CASES["alibi-left-pad"], B)
+    bias = mask.bias.double()
+    q, k, v = _qkv(B, n_kv_head, T, S)
+    grad_out = torch.randn(B, H, T, D, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    torch.manual_seed(5)
+    got = _grads(lambda q, k, v: matmul_attention(q, k, v, AttentionMask(bias=bias), D**-0.5, p), q, k, v, grad_out)
+    torch.manual_seed(5)
+    keep = dropout_keep((B, H, T, S), p, torch.device("cpu"))
+    assert 0 < keep.sum() < keep.numel()
+
+    def formula(q, k, v):
+        groups = H // n_kv_head
+        k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+        probs = torch.softmax(q @ k.transpose(-2, -1) * D**-0.5 + bias, dim=-1)
+        return (probs * keep / (1 - p)) @ v
+
+    ref = _grads(formula, q, k, v, grad_out)
+    for name, r, g in zip(("output", "dq", "dk", "dv"), ref, got):
+        diff = (g - r).abs().max().item()
+        assert diff < 1e-10, f"kv={n_kv_head}: {name} with dropout differs from the formula by {diff:.2e}"
+
+
+def test_dropout_keeps_the_expected_fraction():
+    keep = dropout_keep((8, 6, 256, 256), 0.1, torch.device("cpu"))
+    assert abs(keep.float().mean().item() - 0.9) < 2e-3, f"kept {keep.float().mean().item():.4f}, expected 0.9"
 
 
 def test_bf16_error_is_that_of_torch_flash_kernel():
@@ -108,7 +143,7 @@ def test_sdpa_backend_takes_the_matmul_path_exactly_where_it_should(monkeypatch)
     limit = attention.MATMUL_MAX_SCORES
     assert took(T=1, S=limit, causal=False) and not took(T=2, S=limit, causal=False), "T x S limit not applied"
     assert not took(dtype=torch.float32), "fp32 should stay on torch's kernels (no speed-up measured)"
-    assert not took(dropout=0.1), "attention dropout is torch's kernels' job"
+    assert took(dropout=0.1), "attention dropout should take MatmulAttention too (torch has no CPU flash kernel for it)"
     learned = torch.zeros(1, H, 16, 16, requires_grad=True)  # e.g. T5's relative bias: needs its gradient
     assert not took(bias=learned), "a bias that needs a gradient must go to torch's kernels"
     assert took(bias=learned.detach()), "a constant bias (padding, ALiBi) should take MatmulAttention"
