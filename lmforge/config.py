@@ -45,7 +45,7 @@ class AttentionConfig:
     sliding_window: int | None = None  # each query sees this many keys, itself included
     softmax_scale: float | None = None  # None: 1/sqrt(head_dim); T5 uses 1.0
     dropout: float = 0.0
-    backend: str = "sdpa"  # "sdpa" (fused kernels) or "eager" (the readable reference)
+    backend: str = "sdpa"  # "sdpa" (fused kernels; MatmulAttention for short bf16 CPU inputs) or "eager" (reference)
 
 
 @dataclass

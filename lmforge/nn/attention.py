@@ -7,6 +7,10 @@ Masks reach attention as an `AttentionMask`: either `is_causal` with no tensor (
 that lets SDPA pick FlashAttention), or an additive float `bias` (B|1, H|1, T, S) that already
 holds padding, causality, sliding windows and position biases (ALiBi, T5), built once per
 forward by `build_attention_mask` and shared by every layer.
+
+Backends (`AttentionConfig.backend`): "eager", the readable reference, and "sdpa", torch's fused
+scaled_dot_product_attention, which on the CPU in bf16 for short sequences hands over to
+`MatmulAttention` (batched matmuls around materialised scores), faster there than torch's CPU kernels.
 """
 
 from __future__ import annotations
@@ -152,6 +156,9 @@ def matmul_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout: float = 0.0
 ) -> torch.Tensor:
     """Attention through `MatmulAttention`; the mask's bias must take no gradient."""
+    if mask.bias is not None and mask.bias.requires_grad:
+        raise ValueError("matmul_attention: the attention bias requires a gradient (a learned position bias, e.g. "
+                         "T5's), which MatmulAttention does not compute; use sdpa_attention or eager_attention")
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)

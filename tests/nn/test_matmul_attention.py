@@ -147,6 +147,9 @@ def test_sdpa_backend_takes_the_matmul_path_exactly_where_it_should(monkeypatch)
     learned = torch.zeros(1, H, 16, 16, requires_grad=True)  # e.g. T5's relative bias: needs its gradient
     assert not took(bias=learned), "a bias that needs a gradient must go to torch's kernels"
     assert took(bias=learned.detach()), "a constant bias (padding, ALiBi) should take MatmulAttention"
+    q, k, v = (t.detach() for t in _qkv(1, 2, 16, 16, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="requires a gradient"):  # called directly: refused, not silently wrong
+        matmul_attention(q, k, v, AttentionMask(bias=learned), D**-0.5)
 
 
 def test_bf16_training_step_matches_the_eager_backend():
