@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import torch
@@ -13,6 +15,16 @@ from lmforge.models import model_class
 from lmforge.models.hf import save_hf
 from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt
+
+# The files transformers and lmforge read a checkpoint folder's model and tokenizer from. `overwrite` deletes
+# these before moving the new export in: a stale shard index, pytorch_model.bin, generation_config.json or
+# added_tokens.json left beside the new files would be read with them (an index even takes precedence over
+# model.safetensors). Other files (README.md, .gitattributes, ...) are kept.
+HF_FILES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json",
+            "pytorch_model*.bin", "pytorch_model.bin.index.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json",
+            "vocab.json", "vocab.txt", "merges.txt", "*.model", "*.spm")
+SHOWN = 5  # entries of a non-empty folder named in the error
 
 
 def load_run_model(run_dir: str | Path) -> nn.Module:
@@ -32,7 +44,44 @@ def load_run_model(run_dir: str | Path) -> nn.Module:
     return model.eval()
 
 
-def export_hf(run_dir: str | Path, out: str | Path) -> Path:
-    out = save_hf(load_run_model(run_dir), out)
-    Tokenizer.load(Path(run_dir) / "tokenizer").save(out)
+def check_export_folder(out: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds anything unless `overwrite`: the export would mix with it."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file, not a folder; pass a new or empty folder to export to")
+    present = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if present and not overwrite:
+        shown = ", ".join(present[:SHOWN]) + (f", ... ({len(present)} entries)" if len(present) > SHOWN else "")
+        raise ValueError(f"{out} is not empty ({shown}): the export would be mixed with the files already there. "
+                         "Pass a new or empty folder, or --overwrite to replace the Hugging Face checkpoint and "
+                         "tokenizer files in it (other files are kept)")
+
+
+def export_hf(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Write a run's latest checkpoint and its tokenizer to `out` as a Hugging Face folder.
+
+    `out` must be new or empty unless `overwrite`, which first deletes the checkpoint files listed in
+    `HF_FILES` there. The export is staged in a sibling folder and moved in only once it is complete, so a
+    failed export (e.g. a config the Hugging Face family cannot express) leaves `out` as it was.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    check_export_folder(out, overwrite)
+    model, tokenizer = load_run_model(run_dir), Tokenizer.load(run_dir / "tokenizer")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = out.parent / f".{out.name}.export-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a crashed export of this process id
+    staging.mkdir()
+    try:
+        save_hf(model, staging)
+        tokenizer.save(staging)
+        if not out.exists():
+            staging.rename(out)
+            return out
+        for pattern in HF_FILES:
+            for stale in out.glob(pattern):
+                if stale.is_file():
+                    stale.unlink()
+        for path in staging.iterdir():
+            os.replace(path, out / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return out
