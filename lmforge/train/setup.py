@@ -1,7 +1,9 @@
 """What a run needs before its first step, built on first use and cached: the tokenizer (trained on
 the recipe's data) and the token shards (documents, or (source, target) pairs for seq2seq). The
 cache key covers everything that changes the result, so a second run, or a resumed one, reuses
-them without work.
+them without work. Processes that start the same build at once (ranks of a multi-node job, or
+separate runs) each build into their own temporary folder; the first to finish publishes it and the
+others use it (`_build_once`).
 """
 
 from __future__ import annotations
@@ -10,12 +12,14 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from lmforge.data.corpora import iter_documents, iter_pairs
 from lmforge.data.fetch import default_cache_dir
 from lmforge.data.pair_shards import PairShards, prepare_pair_inputs
+from lmforge.data.shard_io import INDEX
 from lmforge.data.shards import TokenShards, prepare
 from lmforge.tokenizer import Tokenizer, train_tokenizer
 from lmforge.train.recipe import DataSection
@@ -34,14 +38,60 @@ def _key(**parts: object) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _build_once(target: Path, build) -> Path:
-    """Build into a temporary sibling and rename, so an interrupted build is never mistaken for a cache hit."""
-    if target.exists():
-        return target
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    build(tmp)
-    os.replace(tmp, target)
+def _tmp_folder(target: Path) -> Path:
+    """This process's build folder for `target`: host and pid in the name, so processes on several
+    nodes sharing the cache never build into the same folder, and a dead one's folder can be told."""
+    return target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
+
+
+def _remove_stale(target: Path) -> None:
+    """Delete the build folders of `target` left by dead processes of this host (killed mid-build).
+
+    A folder of another host is kept: its process cannot be checked from here. Folders named
+    `.tmp-PID` (no host: older lmforge versions) are taken to be of this host.
+    """
+    host = socket.gethostname()
+    for tmp in target.parent.glob(f"{target.name}.tmp-*"):
+        owner = tmp.name[len(target.name) + len(".tmp-"):]
+        tmp_host, _, pid = owner.rpartition("-")
+        if pid.isdigit() and tmp_host in ("", host) and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_once(target: Path, build, complete) -> Path:
+    """`target`, built by `build(folder)` into a temporary sibling and renamed into place if missing.
+
+    The rename makes an interrupted build never look like a cache hit. Several processes (ranks on one
+    or several nodes) may build the same entry at once: the first rename wins, and a process that loses
+    the race drops its own build and uses the winner's (same key, so the same content). `complete(path)`
+    tells a finished entry; a cached one that is not raises ValueError naming the fix.
+    """
+    _remove_stale(target)
+    if not target.exists():
+        tmp = _tmp_folder(target)
+        shutil.rmtree(tmp, ignore_errors=True)  # a dead process with our pid left it
+        try:
+            build(tmp)
+            try:
+                os.replace(tmp, target)
+            except OSError:
+                if not target.exists():  # not a lost race: a real error
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # the loser's build, or a failed one
+    if not complete(target):
+        raise ValueError(f"{target} is in the cache but incomplete (not written by lmforge's build, or damaged); "
+                         "delete it and run again to rebuild it")
     return target
 
 
@@ -77,7 +127,7 @@ def tokenizer_for(data: DataSection, cache_dir: Path | None = None, log=print, *
                         n_sentinels=cfg.sentinels).save(tmp)
 
     cache.mkdir(parents=True, exist_ok=True)
-    return Tokenizer.load(_build_once(target, build))
+    return Tokenizer.load(_build_once(target, build, lambda path: (path / "tokenizer.json").is_file()))
 
 
 def _cached(data: DataSection, tokenizer: Tokenizer, seed: int, cache_dir: Path | None, log, folder: str,
@@ -90,7 +140,7 @@ def _cached(data: DataSection, tokenizer: Tokenizer, seed: int, cache_dir: Path 
     if not target.exists():
         log(f"preparing {what} of {', '.join(data.inputs)} -> {target}")
     cache.mkdir(parents=True, exist_ok=True)
-    return _build_once(target, build)
+    return _build_once(target, build, lambda path: (path / INDEX).is_file())
 
 
 def shards_for(data: DataSection, tokenizer: Tokenizer, seed: int, cache_dir: Path | None = None,

@@ -162,3 +162,79 @@ def test_remeasure_keeps_the_larger_peak(tmp_path, monkeypatch):
     assert cached_peak_flops(torch.float32, "cpu", cache_dir=tmp_path, remeasure=True) == 200e9
     assert cached_peak_flops(torch.float32, "cpu", cache_dir=tmp_path, remeasure=True) == 200e9
     assert cached_peak_flops(torch.float32, "cpu", cache_dir=tmp_path) == 200e9
+
+
+class FakeClock:
+    """Seconds that pass only when a fake kernel runs: each call advances it by the kernel's next duration."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def kernel(self, durations: list[float], calls: list[int] | None = None):
+        left = iter(durations)
+
+        def run() -> None:
+            self.now += next(left)
+            if calls is not None:
+                calls.append(1)
+
+        return run
+
+
+def test_best_seconds_is_the_median_of_the_fastest_calls():
+    """Load slows some calls down: the 3 fastest of the timed calls count, and their median, so neither
+    the slow calls nor one too-fast (mistimed) call sets the figure."""
+    clock = FakeClock()
+    kernels = {"aten": clock.kernel([9.0, 0.4, 0.2, 0.9, 0.05, 0.25, 0.2, 0.6, 0.3]),  # 9.0: the warm-up call
+               "onednn": clock.kernel([9.0, 0.8, 0.7, 0.1, 0.9, 0.12, 0.8, 0.11, 0.9])}
+    seconds = flops.best_seconds(kernels, torch.device("cpu"), warmup_s=0.0, min_s=0.0, clock=clock)
+    assert seconds == pytest.approx({"aten": 0.2, "onednn": 0.11}, abs=1e-12)
+    with pytest.raises(ValueError, match="best=9"):
+        flops.best_seconds(kernels, torch.device("cpu"), 0.0, 0.0, best=9, clock=clock)
+
+
+def test_best_seconds_warms_up_then_times_for_min_s():
+    clock, calls = FakeClock(), {"a": [], "b": []}
+    kernels = {name: clock.kernel([0.1] * 100, calls[name]) for name in calls}
+    flops.best_seconds(kernels, torch.device("cpu"), warmup_s=0.5, min_s=3.0, clock=clock)
+    # warm-up: rounds of 0.2 s until 0.5 s have passed (3 rounds); then rounds until 3 s have passed (15)
+    assert len(calls["a"]) == len(calls["b"]) == 3 + 15, "the kernels run in interleaved rounds"
+    clock, calls = FakeClock(), {"a": [], "b": []}
+    kernels = {name: clock.kernel([0.001] * 100, calls[name]) for name in calls}
+    flops.best_seconds(kernels, torch.device("cpu"), warmup_s=0.0, min_s=0.0, clock=clock)
+    assert len(calls["a"]) == 1 + 8, "at least one warm-up call and 8 timed rounds however fast the kernel"
+
+
+def test_a_peak_measured_under_load_is_raised_to_the_fewer_threads_peak(tmp_path, monkeypatch):
+    """The audit's cache: bf16 at 2 threads measured under load (422) below 1 thread (539). More threads
+    cannot lower the hardware's peak, so 2 threads reads at least 539; a higher measurement still wins."""
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    one, two = (flops.device_key(torch.bfloat16, "cpu", threads=t) for t in (1, 2))
+    assert two == flops.device_key(torch.bfloat16, "cpu") and "threads=1" in one
+    path = tmp_path / "peak_flops.json"
+    path.write_text(json.dumps({one: 539e9, two: 422e9}))
+    monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype, device: pytest.fail("a cache hit measures nothing"))
+    assert cached_peak_flops(torch.bfloat16, "cpu", cache_dir=tmp_path) == 539e9
+    path.write_text(json.dumps({one: 539e9}))
+    monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype, device: 422e9)
+    assert cached_peak_flops(torch.bfloat16, "cpu", cache_dir=tmp_path) == 539e9
+    assert json.loads(path.read_text())[two] == 539e9
+    monkeypatch.setattr(flops, "measure_peak_flops", lambda dtype, device: 980e9)
+    assert cached_peak_flops(torch.bfloat16, "cpu", cache_dir=tmp_path, remeasure=True) == 980e9
+    assert cached_peak_flops(torch.float32, "cpu", cache_dir=tmp_path) == 980e9, "fp32 has its own entries"
+    assert json.loads(path.read_text())[one] == 539e9, "the 1-thread entry is left as measured"
+
+
+def test_a_higher_peak_written_meanwhile_by_another_process_is_kept(tmp_path, monkeypatch):
+    key = flops.device_key(torch.float32, "cpu")
+
+    def measure(dtype, device):  # another process finishes a higher measurement while this one measures
+        (tmp_path / "peak_flops.json").write_text(json.dumps({key: 300e9, "other": 1.0}))
+        return 200e9
+
+    monkeypatch.setattr(flops, "measure_peak_flops", measure)
+    assert cached_peak_flops(torch.float32, "cpu", cache_dir=tmp_path) == 300e9
+    assert json.loads((tmp_path / "peak_flops.json").read_text()) == {key: 300e9, "other": 1.0}
