@@ -165,15 +165,17 @@ def test_saving_the_same_step_again_replaces_it(tmp_path):
     assert [p.name for p in (tmp_path / "checkpoints").iterdir() if p.is_dir()] == ["step-00000004"]
 
 
-def test_empty_run_and_incomplete_folders_are_ignored(tmp_path):
+def test_empty_run_and_incomplete_folders_are_skipped_with_a_warning(tmp_path):
     assert latest_checkpoint(tmp_path) is None and best_checkpoint(tmp_path) is None
     model = nn.Linear(2, 2)
     save_checkpoint(tmp_path, 1, model=model, optimizer=None, state={}, metric=1.0)
     broken = tmp_path / "checkpoints" / "step-00000009"  # e.g. copied by hand, files missing
     broken.mkdir()
     (broken / ckpt.MODEL).write_bytes(b"")
-    assert latest_checkpoint(tmp_path).name == "step-00000001"
-    with pytest.raises(ValueError, match="not a complete lmforge checkpoint"):
+    with pytest.warns(UserWarning, match=r"step-00000009: not a complete checkpoint, state.json, rng.safetensors"):
+        assert latest_checkpoint(tmp_path).name == "step-00000001"
+    assert best_checkpoint(tmp_path).name == "step-00000001"
+    with pytest.raises(ValueError, match="not a complete checkpoint, state.json, rng.safetensors, rng.json missing"):
         load_checkpoint(broken, model=model, optimizer=None)
 
 
