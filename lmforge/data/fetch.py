@@ -87,7 +87,7 @@ def fetch_pypi(
             return target
         staging = Path(tmp) / "unpacked"
         _unpack(archive, staging)
-        return _publish(staging, target, f"{_sha256(archive)}  {archive.name}\n")
+        return _publish(staging, target, f"{_sha256(archive)}  {archive.name}\n", force)
 
 
 def fetch_npm(
@@ -126,7 +126,7 @@ def fetch_npm(
         target = root / f"{name}-{packed['version']}"
         staging = Path(tmp) / "unpacked"
         _unpack(archive, staging)
-        return _publish(staging, target, f"{_sha256(archive)}  {archive.name}\n")
+        return _publish(staging, target, f"{_sha256(archive)}  {archive.name}\n", force)
 
 
 def fetch_deb(package: str, cache_dir: Path | None = None, force: bool = False) -> Path:
@@ -168,7 +168,7 @@ def fetch_deb(package: str, cache_dir: Path | None = None, force: bool = False) 
         target = root / f"{package}_{version.replace(':', '%3a')}"
         staging = Path(tmp) / "unpacked"
         _run_checked([dpkg_deb, "-x", str(debs[0]), str(staging)])
-        return _publish(staging, target, f"{_sha256(debs[0])}  {debs[0].name}\n")
+        return _publish(staging, target, f"{_sha256(debs[0])}  {debs[0].name}\n", force)
 
 
 def fetch_apt_translations(
@@ -198,7 +198,8 @@ def fetch_apt_translations(
         staging.mkdir()
         for path in sorted(lists.glob("*_i18n_Translation-*")) + sorted(lists.glob("*Release")):
             shutil.move(path, staging / path.name)
-        return _publish(staging, target, "".join(f"{_sha256(p)}  {p.name}\n" for p in sorted(staging.iterdir())))
+        marker = "".join(f"{_sha256(p)}  {p.name}\n" for p in sorted(staging.iterdir()))
+        return _publish(staging, target, marker, force)
 
 
 def find_file(root: Path, pattern: str) -> Path:
@@ -240,17 +241,50 @@ def _newest_complete(entries) -> Path | None:
     return max(complete, key=lambda d: (d / MARKER).stat().st_mtime) if complete else None
 
 
-def _publish(staging: Path, target: Path, marker: str) -> Path:
-    """Mark `staging` complete and move it to `target` atomically (replacing an older entry)."""
-    (staging / MARKER).write_text(marker)
-    if target.exists():  # incomplete (left by a crash) or being replaced (force)
-        shutil.rmtree(target)
+def publish_folder(staging: Path, target: Path, complete: str, force: bool = False) -> Path:
+    """Rename the finished folder `staging` to `target` (atomic); the file `complete` in it marks it finished.
+
+    Several processes may fetch the same entry at once (every rank on first use). A finished
+    `target` is never deleted unless `force`, as another process may be reading it: when one is
+    there, or appears while this one publishes, `staging` is left unused (the caller deletes it)
+    and `target` is returned. An unfinished `target` (older lmforge, or a folder someone else made)
+    or, with `force`, the older entry is first renamed aside in one step, then deleted, so readers
+    never see a half-deleted folder.
+    """
+    if not force and (target / complete).is_file():
+        return target  # another process published it meanwhile: use that one
+    if force and target.exists():
+        _discard(target)
     try:
-        os.replace(staging, target)
+        os.replace(staging, target)  # fails when `target` is a folder that is not empty
     except OSError:
-        if not (target / MARKER).is_file():  # another process published it meanwhile: fine
+        if (target / complete).is_file():  # another process published it first: fine
+            return target
+        if not target.is_dir():
             raise
+        _discard(target)  # unfinished
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not (target / complete).is_file():
+                raise
     return target
+
+
+def _discard(folder: Path) -> None:
+    """Rename `folder` into a fresh `.del-*` sibling, then delete that (another process may do the same)."""
+    trash = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".del-{folder.name}-"))
+    try:
+        os.rename(folder, trash / folder.name)
+    except FileNotFoundError:
+        pass  # another process renamed it aside first
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _publish(staging: Path, target: Path, marker: str, force: bool) -> Path:
+    """Mark `staging` complete and publish it as cache entry `target` (see `publish_folder`)."""
+    (staging / MARKER).write_text(marker)
+    return publish_folder(staging, target, MARKER, force)
 
 
 def _require_tool(tool: str, what: str) -> str:

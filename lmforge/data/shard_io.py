@@ -14,8 +14,10 @@ under other split names: `train.source` / `train.target` hold the two sides of e
 aligned documents (document i of one is the partner of document i of the other); a
 classification split adds `<split>_labels.bin`, one little-endian int64 label id per document,
 and the index lists the label names (`labels`, id = position).
-Every file is written to `NAME.tmp`, fsynced and renamed, so a crash never leaves a half file
-under a real name.
+Every file is written to `NAME.tmp-HOST-PID`, fsynced and renamed, so a crash never leaves a half
+file under a real name, and two writers never rename each other's temp files. A prepare holds an
+exclusive `flock` on `.prepare.lock` while it writes, so a second prepare into the same folder is
+refused at once instead of deleting and replacing the first one's files.
 """
 
 from __future__ import annotations
@@ -24,20 +26,29 @@ import hashlib
 import json
 import os
 import re
+import socket
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; the per-writer temp names still keep writers apart
+    fcntl = None
+
 FORMAT = "lmforge-token-shards"
 VERSION = 1
 INDEX = "index.json"
+LOCK_FILE = ".prepare.lock"
 SPLITS = ("train", "val")
 OFFSET_DTYPE = np.dtype("<u8")
 LABEL_DTYPE = np.dtype("<i8")
-# every file name prepare writes (and may delete when it rewrites a folder)
-_OWN_FILE = re.compile(r"^(train|val)(\.source|\.target)?_(\d{5}|docs|labels)\.bin(\.tmp)?$|^index\.json(\.tmp)?$")
+# every file name prepare writes (and may delete when it rewrites a folder); temp files end in
+# `.tmp-HOST-PID` (`.tmp` before lmforge named the writer)
+_OWN_FILE = re.compile(r"^(?:(?:train|val)(?:\.source|\.target)?_(?:\d{5}|docs|labels)\.bin|index\.json)"
+                       r"(?P<tmp>\.tmp(?:-(?P<host>.*)-(?P<pid>\d+))?)?$")
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -56,11 +67,15 @@ def offsets_name(split: str) -> str:
 
 
 class AtomicFile:
-    """A file written to `path.tmp`, hashed as it goes, and renamed to `path` on `commit()`."""
+    """A file written to `path.tmp-HOST-PID`, hashed as it goes, and renamed to `path` on `commit()`.
+
+    Host and pid make the temp name this writer's own, so another process writing the same `path`
+    can neither rename it away nor have it deleted by `remove_own_files` while it is alive.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.tmp = self.path.with_name(f"{self.path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
         self._f = open(self.tmp, "wb")  # closed in commit() / abort()
         self._sha = hashlib.sha256()
         self.size = 0
@@ -139,26 +154,43 @@ class ShardFolder:
 
     Use it as a context manager: an exception inside aborts every unfinished file, so the folder
     has no index and reads as unfinished. `finish` removes the files of an earlier prepare that
-    this one did not write, then writes index.json.
+    this one did not write, then writes index.json. The folder's `PrepareLock` is held from the
+    constructor to the end of the `with` block.
+
+    Raises:
+        ValueError: another prepare is writing into `out` (see `PrepareLock`).
     """
 
     def __init__(self, out: Path, names: Iterable[str], dtype: np.dtype, shard_tokens: int) -> None:
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / INDEX).unlink(missing_ok=True)  # the folder is unfinished until the new index is written
+        self._lock = PrepareLock(self.out)
         self.dtype = dtype
-        self.writers = {name: ShardWriter(self.out, name, dtype, shard_tokens) for name in names}
+        self.writers: dict[str, ShardWriter] = {}
         self._files: list[AtomicFile] = []
+        try:
+            (self.out / INDEX).unlink(missing_ok=True)  # the folder is unfinished until the new index is written
+            for name in names:
+                self.writers[name] = ShardWriter(self.out, name, dtype, shard_tokens)
+        except BaseException:
+            self._abort()
+            raise
 
     def __enter__(self) -> ShardFolder:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            for writer in self.writers.values():
-                writer.abort()
-            for f in self._files:
-                f.abort()
+            self._abort()
+        self._lock.release()
+
+    def _abort(self) -> None:
+        """Delete every unfinished file and release the lock."""
+        for writer in self.writers.values():
+            writer.abort()
+        for f in self._files:
+            f.abort()
+        self._lock.release()
 
     def close_splits(self) -> dict[str, dict[str, Any]]:
         """Finish every split's files; returns the index entry of each."""
@@ -200,11 +232,67 @@ def open_array(path: Path, n: int, dtype: np.dtype, sha256: str, verify: bool, f
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
 
 
+class PrepareLock:
+    """An exclusive, non-blocking `flock` on `folder/.prepare.lock`, held while one prepare writes there.
+
+    Two prepares into one folder would replace and delete each other's files, so the second is
+    refused at once with the holder's pid and host. The kernel drops the lock when its process ends
+    in any way, SIGKILL included, so a lock file left behind never blocks the next prepare; the pid
+    and host written into it only serve the message. On NFS, flock is emulated with byte-range locks
+    (Linux >= 2.6.12), which the server arbitrates. Without fcntl (Windows) no lock is taken.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self._fd: int | None = None
+        if fcntl is None:
+            return
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
+            os.close(fd)
+            who = f"process {holder[0]} on host {holder[1]}" if len(holder) == 2 else "another process"
+            raise ValueError(f"{folder} is in use: {who} is preparing token shards into it (lock file "
+                             f"{self.path}); wait for it to finish, or pass another --out") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.ftruncate(self._fd, 0)  # no stale pid for the next reader; the folder's bytes stay reproducible
+            os.close(self._fd)  # closing the only descriptor drops the lock
+            self._fd = None
+
+
 def remove_own_files(folder: Path, keep: set[str] = frozenset()) -> None:
-    """Delete the shard, offset and index files a previous `prepare` left in `folder` (nothing else)."""
+    """Delete the shard, offset and index files a previous `prepare` left in `folder` (nothing else).
+
+    A temp file goes only when its writer is gone: `NAME.tmp` (older lmforge), or `NAME.tmp-HOST-PID`
+    of this host whose process has ended. A live writer's temp files stay, and so do another host's
+    (its process cannot be checked from here): a writer the lock did not keep out never loses them.
+    """
+    host = socket.gethostname()
     for path in folder.iterdir():
-        if _OWN_FILE.match(path.name) and path.name not in keep:
-            path.unlink()
+        m = _OWN_FILE.match(path.name)
+        if m is None or path.name in keep:
+            continue
+        if m["tmp"] is None or m["pid"] is None or (m["host"] == host and not _alive(int(m["pid"]))):
+            path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    if os.name == "nt":  # there os.kill terminates the process instead of probing it: assume alive
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only checks that the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    return True
 
 
 def write_index(folder: Path, index: dict[str, Any]) -> None:

@@ -18,6 +18,7 @@ from lmforge.data import pair_shards
 from lmforge.data.batchers import IGNORE_INDEX, CausalLM, Seq2SeqPairs, SequenceClassification
 from lmforge.data.loader import ShardLoader
 from lmforge.data.pair_shards import PairShards, prepare_pairs, sort_labels
+from lmforge.data.shard_io import LOCK_FILE
 from lmforge.data.shards import TokenShards, prepare_documents
 from lmforge.tokenizer import Tokenizer
 
@@ -66,7 +67,8 @@ def all_pairs(folder, tok, decode_target=True) -> list[tuple[str, object]]:
 
 
 def folder_bytes(folder) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """The data files of a prepared folder (not the empty lock file)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != LOCK_FILE}
 
 
 def test_seq2seq_jsonl_to_batches_round_trip(tok, tmp_path, capsys):
@@ -242,7 +244,7 @@ def test_too_many_labels_means_seq2seq_data(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(pair_shards, "MAX_LABELS", 5)
     with pytest.raises(ValueError, match="more than 5 distinct labels .*use seq2seq"):
         prepare_pairs(make_pairs(20), tok, tmp_path, kind="classification", batch_pairs=4, progress=False)
-    assert not list(tmp_path.glob("*.tmp")) and not (tmp_path / "index.json").exists()
+    assert not list(tmp_path.glob("*.tmp*")) and not (tmp_path / "index.json").exists()
 
 
 def test_cli_pairs_usage_errors(tok, tmp_path, capsys):

@@ -12,7 +12,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from lmforge.cli import main
 from lmforge.data import commands_prepare
-from lmforge.data.shard_io import token_dtype
+from lmforge.data.shard_io import LOCK_FILE, token_dtype
 from lmforge.data.shards import DEFAULT_SHARD_TOKENS, TokenShards, prepare_documents
 from lmforge.tokenizer import Tokenizer
 
@@ -48,7 +48,8 @@ def prep(docs, tok, out, **kwargs):
 
 
 def folder_bytes(folder) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+    """The data files of a prepared folder (not the empty lock file)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != LOCK_FILE}
 
 
 def test_prepare_dedupes_appends_eos_and_round_trips(tok, tmp_path):
@@ -208,7 +209,7 @@ def test_interrupted_prepare_leaves_no_index_and_no_temp_files(tok, prepared):
 
     with pytest.raises(RuntimeError, match="source broke"):
         prep(failing(), tok, prepared, batch_docs=10)
-    assert not list(prepared.glob("*.tmp"))
+    assert not list(prepared.glob("*.tmp*"))
     with pytest.raises(FileNotFoundError, match="index.json not found"):
         TokenShards(prepared)
 

@@ -89,6 +89,6 @@ def test_pair_folders_fingerprint_every_file(tmp_path, kind):
     folder = prepare_pairs(pairs, tok, tmp_path / "pairs", kind=kind, val_fraction=0.2, progress=False)
     data = data_fingerprint(folder)
     files = {name for entry in data["splits"].values() for name in entry["sha256"]}
-    on_disk = {p.name for p in folder.iterdir() if p.name != "index.json"}
+    on_disk = {p.name for p in folder.iterdir() if p.name not in ("index.json", ".prepare.lock")}
     assert files == on_disk, "every data file of the folder is fingerprinted"
     assert data["kind"] == kind and sum(e["n_documents"] for e in data["splits"].values()) > 0
