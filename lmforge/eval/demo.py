@@ -21,7 +21,7 @@ DEMO_RECIPE: dict[str, Any] = {
     "batch": {"seq_len": 256, "micro_batch": 16, "global_batch": 16},
     "optim": {"lr": 3e-3, "weight_decay": 0.1, "grad_clip": 1.0},
     "schedule": {"kind": "cosine", "warmup_steps": 30, "min_lr_ratio": 0.1},
-    "train": {"steps": 800, "seed": 0},
+    "train": {"steps": 800, "seed": 0, "precision": "auto"},  # bf16 on CPUs with native bf16: ~2x the fp32 speed
     "eval": {"every": 100, "batches": 8},
     "checkpoint": {"every": 100, "keep_last": 2},
 }
@@ -48,7 +48,9 @@ def demo(out: Path = Path("runs/demo"), steps: int | None = None, corpus: str = 
     except CorpusUnavailableError as err:
         print(f"could not fetch {corpus!r} ({err}); falling back to the offline python-code corpus", file=sys.stderr)
         corpus = "python-code"
-    overrides = [f"data.inputs=[{corpus}]"] + ([f"train.steps={steps}"] if steps else [])
+    overrides = [f"data.inputs=[{corpus}]"]
+    if steps:  # a short demo warms up for a tenth of its steps (the recipe's 30 at most)
+        overrides += [f"train.steps={steps}", f"schedule.warmup_steps={min(30, steps // 10)}"]
     recipe = recipe_from_dict(DEMO_RECIPE, overrides)
     train(recipe, out)
     tokenizer = tokenizer_for(recipe.data)

@@ -46,6 +46,7 @@ class Dist:
         self.world = int(os.environ.get("WORLD_SIZE", "1"))
         self.rank = int(os.environ.get("RANK", "0"))
         local = int(os.environ.get("LOCAL_RANK", "0"))
+        self.local_main = local == 0  # the first process on this node
         cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
         self.device = torch.device(f"cuda:{local}" if cuda else "cpu")
         if cuda:

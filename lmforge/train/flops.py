@@ -36,16 +36,15 @@ Load that lasts the whole measurement is not detected otherwise; delete the entr
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from lmforge._files import write_text_atomic
 from lmforge.config import ModelConfig
 from lmforge.data.fetch import default_cache_dir
 from lmforge.nn.packed import packing_available
@@ -269,7 +268,4 @@ def _read_json(path: Path) -> dict:
 
 def _write_json_atomic(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True), fsync=False)

@@ -24,6 +24,8 @@ MIN_LOSS_SCALE = 1.0
 class NonFiniteError(FloatingPointError):
     """Too many consecutive steps had a non-finite loss or gradient norm."""
 
+    exit_code = 1  # the CLI prints the message (which says what to try) without a traceback
+
 
 class NonFiniteGuard:
     """check() each step before optimizer.step(): True applies the update, False skips it (the caller

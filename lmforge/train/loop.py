@@ -12,14 +12,16 @@ NaN/inf guard counts as an overflow, not as a bad step (`lmforge.train.guard`).
 Every `eval.every` steps: validation loss, perplexity and (clm) bits per byte over the first
 `eval.batches` validation batches, the same set under any number of processes. Every `checkpoint.every`
 steps: an atomic checkpoint with everything needed to continue bit for bit (weights, optimiser,
-RNG, loader position, guard, fp16 loss scale). Running again with the same out folder resumes from the latest one.
+RNG, loader position, guard, fp16 loss scale). Running again with the same out folder resumes from the latest one,
+with its saved tokenizer; what the recipe may change on resume, the folder's lock and what --fresh may delete
+are in `lmforge.train.run_dir`. loss.png is redrawn at every evaluation.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -28,6 +30,7 @@ import torch
 from lmforge.data.loader import ShardLoader
 from lmforge.models import build_model
 from lmforge.nn.packed import resolve_matmul, use_onednn_linears
+from lmforge.tokenizer import Tokenizer
 from lmforge.train import checkpoint as ckpt
 from lmforge.train.allocator import keep_freed_memory
 from lmforge.train.distributed import Dist, loadable, parallelize, saveable
@@ -37,7 +40,8 @@ from lmforge.train.loss import token_loss
 from lmforge.train.metrics import MetricsLogger, ProgressBar, plot_losses
 from lmforge.train.objectives import Objective, batch_cost, get_objective, model_config
 from lmforge.train.optim import clip_grad_norm, make_optimizer
-from lmforge.train.recipe import Recipe
+from lmforge.train.recipe import Recipe, check_model_fits
+from lmforge.train.run_dir import check_flags, check_resume, prepare_run_dir, record_resume
 from lmforge.train.run_info import write_run_info
 from lmforge.train.schedule import lr_factor
 from lmforge.train.setup import tokenizer_for
@@ -45,20 +49,25 @@ from lmforge.train.setup import tokenizer_for
 IGNORE_INDEX = -100
 
 
-def prepare_run_dir(out: Path, fresh: bool, overwrite: bool) -> None:
-    if fresh and out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ValueError(f"--fresh: {out} is not empty and would be deleted; pass --overwrite as well to "
-                             "confirm, or choose another --out")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-
-
 def _autocast(recipe: Recipe, device: torch.device):
     if recipe.train.precision == "fp32":
         return contextlib.nullcontext()
     dtype = torch.bfloat16 if recipe.train.precision == "bf16" else torch.float16
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The recipe's train.precision made concrete: "auto" is bf16 where `device` computes it natively, else fp32.
+    Natively: a CUDA GPU with bf16 support, or a CPU with AVX512-BF16 or AMX tiles, whose oneDNN bf16 GEMMs run at
+    about twice the fp32 rate (2 threads here: ~1,000 against ~500 GFLOP/s); elsewhere bf16 is emulated, slower
+    than fp32."""
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+        return "bf16"
+    return "fp32"
 
 
 def grad_scaler(precision: str, device: torch.device) -> torch.amp.GradScaler | None:
@@ -131,26 +140,57 @@ def _eval_bytes(loader: ShardLoader, recipe: Recipe, tokenizer, d: Dist) -> floa
     return float(d.sum(torch.tensor(float(n), dtype=torch.float64)).item())
 
 
+def _run_tokenizer(recipe: Recipe, out: Path, resuming: bool, objective: Objective, say) -> Tokenizer:
+    """A resumed run's own tokenizer (RUN_DIR/tokenizer, saved at its start), else the recipe's (cached).
+
+    The saved one is what the checkpoints were trained with, even when the cache has been cleared or its
+    corpus has changed since; when the cache still holds it the two are the same tokenizer (same
+    fingerprint, hence the same cached shards), and loading it spares rebuilding the cache entry."""
+    saved = out / "tokenizer"
+    if resuming and (saved / "tokenizer.json").is_file():
+        return Tokenizer.load(saved)
+    return tokenizer_for(recipe.data, log=say, pairs=objective.pairs)
+
+
 def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bool = False, log=print) -> dict:
-    """Run (or resume) `recipe` in folder `out`; returns the last metrics."""
+    """Run (or resume) `recipe` in folder `out`; returns the last metrics.
+
+    Rank 0 holds a lock on `out` for the whole run (`lmforge.train.run_dir`): a second run on the same
+    folder fails at once. A resumed run may change the schedule-like settings of its recipe, not what
+    its checkpoints are made of (`run_dir.check_resume`)."""
     out = Path(out)
+    check_flags(fresh, overwrite)
+    check_model_fits(recipe)  # load_recipe checks it too; recipes built in Python (recipe_from_dict) need it here
     d = Dist(recipe.train.device)
-    say = log if d.main else (lambda *a, **k: None)
-    if d.main:
-        prepare_run_dir(out, fresh, overwrite)
-    d.barrier()
+    if recipe.train.precision == "auto":
+        precision = resolve_precision("auto", d.device)
+        recipe = dataclasses.replace(recipe, train=dataclasses.replace(recipe.train, precision=precision))
+        if d.main:
+            log(f"train.precision auto: {precision} on {d.device.type}")
+    with contextlib.ExitStack() as cleanup:
+        if d.main:
+            cleanup.enter_context(prepare_run_dir(out, fresh, overwrite))
+        d.barrier()
+        return _train(recipe, out, d, log if d.main else (lambda *a, **k: None), cleanup)
+
+
+def _train(recipe: Recipe, out: Path, d: Dist, say, cleanup: contextlib.ExitStack) -> dict:
+    """`train` in the prepared (and on rank 0 locked) run folder; `cleanup` closes what it opens."""
     seed, steps, b = recipe.train.seed, recipe.train.steps, recipe.batch
     accumulation, rest = divmod(b.global_batch, b.micro_batch * d.world)
     if rest or accumulation < 1:
         raise ValueError(f"batch.global_batch={b.global_batch} must be a multiple of batch.micro_batch "
                          f"({b.micro_batch}) x processes ({d.world})")
+    latest = ckpt.latest_checkpoint(out)
+    changes = check_resume(out, recipe) if latest is not None else []  # before any data work; every rank
 
     objective = get_objective(recipe.data.objective)
-    if d.main:  # build the cached tokenizer and shards once, the other ranks wait
-        tokenizer = tokenizer_for(recipe.data, log=say, pairs=objective.pairs)
+    # build the cached tokenizer and shards once per node (the cache may be node-local), the other ranks wait
+    if d.local_main:
+        tokenizer = _run_tokenizer(recipe, out, latest is not None, objective, say)
         objective.prepare(recipe.data, tokenizer, seed, log=say)
     d.barrier()
-    tokenizer = tokenizer_for(recipe.data, log=say, pairs=objective.pairs)
+    tokenizer = _run_tokenizer(recipe, out, latest is not None, objective, say)
     train_src, val_src = objective.open(objective.prepare(recipe.data, tokenizer, seed, log=say), tokenizer)
 
     cfg = model_config(recipe.model.preset, recipe.model.overrides, tokenizer)
@@ -170,28 +210,34 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
     val_loader = objective.loader(val_src, recipe, tokenizer, shuffle=False)
 
     start = 0
-    latest = ckpt.latest_checkpoint(out)
     if latest is not None:
         model_in, optimizer_in = loadable(model, optimizer)  # FSDP2: each rank takes its shard of the full state
-        state = ckpt.load_checkpoint(latest, model=model_in, optimizer=optimizer_in)
+        # latest_checkpoint verified its checksums just now
+        state = ckpt.load_checkpoint(latest, model=model_in, optimizer=optimizer_in, verify=False)
         start = state["step"]
         loader.load_state_dict(state["loader"])
         guard.load_state_dict(state["guard"])
         if scaler is not None and "scaler" in state:  # absent when the run was not fp16 before
             scaler.load_state_dict(state["scaler"])
         say(f"resuming {out} from step {start} ({latest.name})")
+        if d.main:
+            record_resume(out, recipe, changes, start, say)
     elif d.main:
         tokenizer.save(out / "tokenizer")
         write_run_info(out, recipe, cfg, tokenizer)
-    metrics = MetricsLogger(out) if d.main else None
+    metrics = cleanup.enter_context(MetricsLogger(out)) if d.main else None
     if metrics is not None:
         metrics.truncate_after(start)
 
     peak_as = peak_dtype(recipe.train.precision, d.device)
+    if d.local_main:  # measured (once per machine) while the other ranks wait, not under their load
+        cached_peak_flops(peak_as, d.device.type)
+    d.barrier()
     peak = cached_peak_flops(peak_as, d.device.type) * d.world
     remeasured = False
     eval_bytes = _eval_bytes(val_loader, recipe, tokenizer, d) if objective.bits_per_byte else None
     bar = ProgressBar(steps, start, enabled=d.main)
+    cleanup.callback(bar.close)
     last: dict = {}
     model.train()
     for step in range(start, steps):
@@ -250,6 +296,8 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
                       f"ppl {last['val_ppl']:.2f}{bpb}")
         if metrics is not None:
             metrics.log(done, **last)
+            if "val_loss" in last:
+                plot_losses(out)  # at every evaluation
         bar.update(done, loss=train_loss, lr=lr, tokens_per_s=last["tokens_per_s"], mfu=last["mfu"])
         if done % recipe.checkpoint.every == 0 or done == steps:
             model_out, optimizer_out = saveable(model, optimizer)  # FSDP2: the full state, gathered to rank 0
@@ -260,8 +308,6 @@ def train(recipe: Recipe, out: str | Path, *, fresh: bool = False, overwrite: bo
                     state["scaler"] = scaler.state_dict()
                 ckpt.save_checkpoint(out, done, model=model_out, optimizer=optimizer_out, state=state,
                                      metric=last.get("val_loss"), keep_last=recipe.checkpoint.keep_last)
-                if "val_loss" in last:
-                    plot_losses(out)
             d.barrier()
     bar.close()
     if metrics is not None:

@@ -1,4 +1,4 @@
-"""What a person sees of a run: metrics as JSONL (+ TensorBoard), a loss-curve PNG, a progress bar.
+"""What a person sees of a run: metrics as JSONL (+ TensorBoard), a loss-curve PNG, progress (a bar, or lines in a log).
 
 `RUN_DIR/metrics.jsonl` holds one JSON object per logged step, "step" first. Each line is flushed to
 the OS as it is written, which survives the process being killed (SIGKILL included); only a machine
@@ -14,11 +14,13 @@ import math
 import os
 import statistics
 import sys
-import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
+
+from lmforge._files import write_text_atomic
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "loss.png"
@@ -83,12 +85,7 @@ class MetricsLogger:
         are purged when its writer opens."""
         self._file.close()
         kept = [r for r in read_metrics(self.run_dir) if not isinstance(r.get("step"), int) or r["step"] <= step]
-        fd, tmp = tempfile.mkstemp(dir=self.run_dir, prefix=METRICS_FILE, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.path)
+        write_text_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))
         self._file = open(self.path, "a")
         self._purge_step = step + 1
 
@@ -161,41 +158,70 @@ def plot_losses(run_dir: str | Path, *, train_key: str = "loss", val_key: str = 
     return path
 
 
-class ProgressBar:
-    """A tqdm bar over optimiser steps; its postfix shows loss, lr, tokens/s and MFU, tqdm gives the ETA.
+def _duration(seconds: float) -> str:
+    """5:07, 1:02:03."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
-    enabled=False (e.g. ranks other than 0) silences it entirely. Otherwise the bar shows only on a
-    terminal unless `force`; without a bar `write` still prints the eval lines to stdout.
+
+class ProgressBar:
+    """Progress over optimiser steps: loss, lr, tokens/s, MFU and the time left.
+
+    On a terminal (stderr), or with `force`, a tqdm bar whose postfix shows the values. Otherwise (a log
+    file, Slurm, torchrun with redirected output) a plain line on stdout at the first step, then at most
+    every `interval` seconds, and at the last step, e.g.
+    `step 120/2000  loss 3.4521  lr 2.91e-04  tok/s 12,345  mfu 31.2%  eta 1:02:03`.
+    `write` prints a line (the eval results) above the bar or among the plain lines; stdout is flushed
+    each time, so a log file shows them at once. enabled=False (ranks other than 0) silences it entirely.
     """
 
-    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True, *, force: bool = False) -> None:
+    def __init__(self, total_steps: int, initial_step: int = 0, enabled: bool = True, *, force: bool = False,
+                 interval: float = 30.0) -> None:
         self.enabled = enabled
         shown = enabled and (force or sys.stderr.isatty())
         self._bar = tqdm(total=total_steps, initial=initial_step, unit="step", dynamic_ncols=True,
                          disable=not shown, file=sys.stderr)
-        self._step = initial_step
+        self._plain = enabled and not shown
+        self._total, self._initial, self._step = total_steps, initial_step, initial_step
+        self._interval = interval
+        self._started = time.monotonic()
+        self._last_line: float | None = None  # when the last plain line was printed
 
     def update(self, step: int, *, loss: float | None = None, lr: float | None = None,
                tokens_per_s: float | None = None, mfu: float | None = None) -> None:
-        if self._bar.disable:
-            return
-        postfix = {}
+        values = {}
         if loss is not None:
-            postfix["loss"] = f"{loss:.4f}"
+            values["loss"] = f"{loss:.4f}"
         if lr is not None:
-            postfix["lr"] = f"{lr:.2e}"
+            values["lr"] = f"{lr:.2e}"
         if tokens_per_s is not None:
-            postfix["tok/s"] = f"{tokens_per_s:,.0f}"
+            values["tok/s"] = f"{tokens_per_s:,.0f}"
         if mfu is not None and math.isfinite(mfu):
-            postfix["mfu"] = f"{100 * mfu:.1f}%"
-        self._bar.set_postfix(postfix, refresh=False)
-        self._bar.update(step - self._step)
+            values["mfu"] = f"{100 * mfu:.1f}%"
+        if self._plain:
+            self._line(step, values)
+        elif not self._bar.disable:
+            self._bar.set_postfix(values, refresh=False)
+            self._bar.update(step - self._step)
         self._step = step
+
+    def _line(self, step: int, values: dict[str, str]) -> None:
+        now = time.monotonic()
+        due = self._last_line is None or now - self._last_line >= self._interval or step >= self._total
+        if not due:
+            return
+        self._last_line = now
+        done = step - self._initial
+        eta = _duration((now - self._started) / done * (self._total - step)) if done > 0 else "?"
+        fields = "  ".join(f"{key} {value}" for key, value in values.items())
+        self.write(f"step {step}/{self._total}  {fields}  eta {eta}")
 
     def write(self, line: str) -> None:
         """One line on stdout, above the bar when there is one (tqdm.write keeps the bar intact)."""
         if self.enabled:
             tqdm.write(line, file=sys.stdout)
+            sys.stdout.flush()
 
     def close(self) -> None:
         self._bar.close()

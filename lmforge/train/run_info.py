@@ -13,13 +13,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from lmforge.config import ModelConfig
 from lmforge.data.shard_io import INDEX, read_index
 from lmforge.tokenizer import Tokenizer
 from lmforge.train.objectives import get_objective
-from lmforge.train.recipe import Recipe
+from lmforge.train.recipe import Recipe, recipe_yaml
 
 PACKAGES = ("lmforge", "torch", "numpy", "tokenizers", "safetensors")
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -81,7 +79,7 @@ def write_run_info(out: Path, recipe: Recipe, cfg: ModelConfig, tokenizer: Token
     if data is None:
         data = get_objective(recipe.data.objective).prepare(recipe.data, tokenizer, recipe.train.seed,
                                                             log=lambda message: None)
-    (out / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    (out / "recipe.yaml").write_text(recipe_yaml(recipe))
     git = git_state()
     info = {"seed": recipe.train.seed, "model_config": cfg.to_dict(), "versions": versions(),
             "git_commit": git["commit"], "git_dirty": git["dirty"], "tokenizer_fingerprint": tokenizer.fingerprint,

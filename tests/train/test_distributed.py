@@ -40,7 +40,7 @@ from lmforge.train.optim import OptimConfig, make_optimizer
 
 ROOT = Path(__file__).resolve().parents[2]
 RECIPE = ROOT / "recipes" / "debug.yaml"
-SHORT = ["--train.steps=16", "--checkpoint.every=4", "--eval.every=8", "--checkpoint.keep_last=10"]
+SHORT = ["--train.steps=16", "--checkpoint.every=4", "--eval.every=4", "--checkpoint.keep_last=10"]
 LOSS_TOL, GRAD_NORM_RTOL = 1e-5, 1e-4
 
 
@@ -80,7 +80,8 @@ def _assert_same_trajectory(reference: Path, other: Path, what: str) -> None:
     assert norm < GRAD_NORM_RTOL, f"{what}: gradient norms differ from the 1-process run by up to {norm:.2e}"
     val = {r["step"]: r["val_loss"] for r in a if "val_loss" in r}
     other_val = {r["step"]: r["val_loss"] for r in b if "val_loss" in r}
-    assert set(val) == set(other_val) == {8, 16}, f"{what}: evaluated at steps {sorted(other_val)}, not 8 and 16"
+    assert set(val) == set(other_val) == {4, 8, 12, 16}, \
+        f"{what}: evaluated at steps {sorted(other_val)}, not 4, 8, 12 and 16"
     worst = max(abs(val[s] - other_val[s]) for s in val)
     assert worst < LOSS_TOL, f"{what}: val_loss differs from 1 process by up to {worst:.2e}: {val} vs {other_val}"
 

@@ -89,6 +89,8 @@ def test_export_refuses_a_nonempty_folder_and_leaves_it_alone(run, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["a.txt", "b.txt", "c.txt", "d.txt", "e.txt", "thesis.tex"]
     assert main(["export", str(run), "--hf", str(out / "thesis.tex")]) == 2, "a file is not a folder"
     assert not list(tmp_path.glob(".*export*")), "no staging folder left behind"
+    assert main(["export", str(run), "--hf", str(out), "--overwrite"]) == 0, "--overwrite exports into it"
+    assert (out / "config.json").is_file() and (out / "thesis.tex").read_text() == "precious", "other files kept"
 
 
 def test_export_into_an_empty_or_new_folder(run, tmp_path):

@@ -117,7 +117,7 @@ def test_resume_restores_the_loss_scale_and_reproduces_every_loss(tmp_path, monk
     steps it keeps probing upwards. A resumed run must continue with the saved scale and growth count."""
     monkeypatch.setattr(loop, "grad_scaler", lambda precision, device: torch.amp.GradScaler(
         device.type, init_scale=2.0**24, growth_interval=2))
-    overrides = ("train.steps=8", "checkpoint.every=4", "checkpoint.keep_last=2", QUIET_EVAL)
+    overrides = ("train.steps=8", "checkpoint.every=4", "checkpoint.keep_last=2", "eval.every=4")  # cadence rule
     full = _run(tmp_path / "full", *overrides)
     assert full[0]["overflows"] == 1 and full[4]["scale"] < 2.0**24, \
         "precondition: at the step-4 checkpoint the scale is not the initial one, so its state matters"

@@ -30,6 +30,7 @@ def test_aborts_after_max_consecutive_with_a_clear_message():
     for needed in ("step 41", "loss=inf", "grad_norm=3.0", "lower learning rate", "grad_clip", "data"):
         assert needed in message, f"the abort message should mention {needed!r}: {message}"
     assert isinstance(info.value, FloatingPointError)
+    assert info.value.exit_code == 1, "the CLI turns it into its message and exit code 1, no traceback"
 
 
 def test_state_round_trips_through_json_and_keeps_counting():

@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -87,6 +88,11 @@ def test_tensorboard_resume_purges_later_steps(tmp_path):
     with MetricsLogger(tmp_path) as log:
         for step in range(1, 7):
             log.log(step, loss=float(step))
+    # TensorBoard reads event files in name order: <seconds>.<host>.<pid>.<counter>. A resumed run is a later
+    # process; in this one process, within one second, the counter would decide, compared as text (10 < 9)
+    second = int(time.time())
+    while int(time.time()) == second:
+        time.sleep(0.02)
     with MetricsLogger(tmp_path) as log:
         log.truncate_after(4)
         for step in range(5, 8):
@@ -163,8 +169,31 @@ def test_progress_bar(enabled, force, capsys):
     assert ("step 10: val 1.9" in out) == enabled, "eval lines print unless the bar is disabled"
     if force:
         assert "10/10" in err and "loss=2.0000" in err and "mfu=42.0%" in err and "tok/s=1,234" in err
+        assert "step 4/10" not in out, "no plain lines beside a bar"
     else:
         assert err == "", "no bar when stderr is not a terminal"
+        # instead plain lines (within 30 s: the first and the last step only)
+        plain = [line for line in out.splitlines() if line.startswith("step ") and "/" in line.split()[1]]
+        assert [line.split()[1] for line in plain] == (["4/10", "10/10"] if enabled else [])
+
+
+def test_progress_lines_for_a_log_file(capsys, monkeypatch):
+    """Without a terminal (Slurm, a redirected torchrun): a line at the first step, then at most every
+    `interval` seconds, and at the last, with the time left from the pace since the start (or resume)."""
+    import lmforge.train.metrics as metrics
+
+    clock = iter([1000.0, 1010.0, 1020.0, 1039.0, 1040.0, 1050.0, 1060.0])  # start, then one per update
+    monkeypatch.setattr(metrics.time, "monotonic", lambda: next(clock))
+    bar = ProgressBar(106, 100, interval=30.0)  # resumed at step 100
+    for step in range(101, 107):
+        bar.update(step, loss=2.0, lr=3e-4, tokens_per_s=12345.6, mfu=float("nan"))
+    bar.close()
+    assert capsys.readouterr().out.splitlines() == [
+        "step 101/106  loss 2.0000  lr 3.00e-04  tok/s 12,346  eta 0:50",  # 10 s per step so far, 5 to go
+        "step 104/106  loss 2.0000  lr 3.00e-04  tok/s 12,346  eta 0:20",  # 30 s after the first line
+        "step 106/106  loss 2.0000  lr 3.00e-04  tok/s 12,346  eta 0:00",  # the last step
+    ]
+    assert metrics._duration(3723.4) == "1:02:03" and metrics._duration(59.6) == "1:00"
 
 
 def test_progress_bar_counts_from_the_resumed_step(capsys):
