@@ -69,13 +69,18 @@ def load_model_and_tokenizer(path: str | Path, device: str = "cpu") -> tuple[nn.
     return (pack_for_cpu(model) if torch.device(device).type == "cpu" else model), tokenizer, kind
 
 
-def encode_prompt(tokenizer: Tokenizer, text: str, kind: str) -> list[int]:
-    """The prompt's ids: the tokenizer's own special tokens (e.g. Llama's BOS), and for a run folder's model,
-    the end-of-sequence token first: packed training data puts it before every document but the first, so
-    a prompt then starts where documents start."""
+def encode_prompt(tokenizer: Tokenizer, text: str, kind: str, arch: str = "decoder") -> list[int]:
+    """The prompt's ids: the tokenizer's own special tokens (e.g. Llama's BOS, T5's and Marian's closing </s>),
+    and for a run folder's model what its training data had around a text: before a decoder's prompt the
+    end-of-sequence token (packed training data puts it before every document but the first, so a prompt
+    starts where documents start); after an encoder-decoder's source the end-of-sequence token, as every
+    source of its pair shards ends (`lmforge.data.pair_shards`)."""
     ids = tokenizer.encode(text, add_special_tokens=True)
-    if kind == "run" and tokenizer.eos_id is not None:
-        ids = [tokenizer.eos_id, *ids]
+    eos = tokenizer.eos_id
+    if kind == "run" and eos is not None:
+        if arch == "encoder_decoder":
+            return ids if ids and ids[-1] == eos else [*ids, eos]
+        ids = [eos, *ids]
     return ids
 
 
@@ -287,7 +292,7 @@ def generate_cmd(model: str, prompt: str | None = None, max_new_tokens: int = 25
         ids = fmt.prompt_ids(messages)
         stop_ids, stop_strings = fmt.stop_token_ids, fmt.stop_strings + stop_strings
     else:
-        ids = encode_prompt(tokenizer, prompt, kind)
+        ids = encode_prompt(tokenizer, prompt, kind, net.config.arch)
     if num_beams != 1 or draft is not None or prompt_lookup is not None:
         if stop_strings:
             raise ValueError(f"stop strings {stop_strings!r} work with plain decoding only, not with --num-beams / "

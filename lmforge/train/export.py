@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+from tokenizers import processors
 from torch import nn
 
 from lmforge.config import ModelConfig
@@ -56,6 +58,19 @@ def check_export_folder(out: Path, overwrite: bool) -> None:
                          "tokenizer files in it (other files are kept)")
 
 
+def _closing_eos(tokenizer: Tokenizer) -> Tokenizer:
+    """The tokenizer with a post-processor that ends every text with EOS when special tokens are added, as the
+    run's sources ended in training (`lmforge.data.pair_shards`) and as T5's and Marian's own tokenizers do:
+    transformers' `tokenizer(text)` then gives the encoder what it was trained on."""
+    eos = tokenizer.specials.get("eos")
+    if eos is None:
+        return tokenizer
+    closing = copy.deepcopy(tokenizer)
+    closing.engine.post_processor = processors.TemplateProcessing(
+        single=f"$A {eos}", pair=f"$A {eos} $B {eos}", special_tokens=[(eos, tokenizer.eos_id)])
+    return closing
+
+
 def export_hf(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
     """Write a run's latest checkpoint and its tokenizer to `out` as a Hugging Face folder.
 
@@ -72,6 +87,8 @@ def export_hf(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) 
     staging.mkdir()
     try:
         save_hf(model, staging)
+        if model.config.arch == "encoder_decoder":
+            tokenizer = _closing_eos(tokenizer)
         tokenizer.save(staging)
         if not out.exists():
             staging.rename(out)

@@ -196,6 +196,14 @@ def test_run_folder_prompt_starts_like_a_document(run_dir, hf_dir, tok, capsys):
     assert capsys.readouterr().out == _generate_text(hf_dir, ids, max_new_tokens=10) + "\n"
 
 
+def test_encoder_decoder_source_ends_like_a_training_source(tok):
+    """A run's encoder-decoder saw every source end with EOS (pair shards): the prompt does too, once."""
+    ids = encode_prompt(tok, "Hello there", "run", "encoder_decoder")
+    assert ids == [*tok.encode("Hello there"), tok.eos_id]
+    hf_ids = encode_prompt(tok, "Hello there", "hf", "encoder_decoder")  # a HF tokenizer adds its own
+    assert hf_ids == tok.encode("Hello there", add_special_tokens=True)
+
+
 def test_not_a_model_folder(tmp_path, capsys):
     assert main(["generate", str(tmp_path), "--prompt", "x"]) == 2
     assert "is not a model: pass a run folder" in capsys.readouterr().err

@@ -59,6 +59,8 @@ def test_transformer_tiny_exports_as_marian_with_equal_logits(run, tmp_path):
     ours_tok = Tokenizer.load(run / "tokenizer")
     for text in (t for pair in PAIRS for t in pair):
         assert hf_tok(text, add_special_tokens=False)["input_ids"] == ours_tok.encode(text), text
+        # tokenizer(text) ends the text with EOS, as the run's training sources ended
+        assert hf_tok(text)["input_ids"] == [*ours_tok.encode(text), ours_tok.eos_id], text
     assert hf.config.decoder_start_token_id == hf.config.pad_token_id == ours_tok.pad_id, "training starts at pad"
     # the batch as training builds it: EOS appended, decoder inputs shifted right after the pad id
     pairs = [(hf_tok(s, add_special_tokens=False)["input_ids"], hf_tok(t, add_special_tokens=False)["input_ids"])
