@@ -33,10 +33,7 @@ from typing import Any
 
 import numpy as np
 
-try:
-    import fcntl
-except ImportError:  # Windows: no flock; the per-writer temp names still keep writers apart
-    fcntl = None
+from lmforge._files import FileLock, LockHeld, pid_alive
 
 FORMAT = "lmforge-token-shards"
 VERSION = 1
@@ -232,39 +229,17 @@ def open_array(path: Path, n: int, dtype: np.dtype, sha256: str, verify: bool, f
     return np.memmap(path, dtype=dtype, mode="r", shape=(n,)) if n else np.empty(0, dtype)
 
 
-class PrepareLock:
-    """An exclusive, non-blocking `flock` on `folder/.prepare.lock`, held while one prepare writes there.
-
-    Two prepares into one folder would replace and delete each other's files, so the second is
-    refused at once with the holder's pid and host. The kernel drops the lock when its process ends
-    in any way, SIGKILL included, so a lock file left behind never blocks the next prepare; the pid
-    and host written into it only serve the message. On NFS, flock is emulated with byte-range locks
-    (Linux >= 2.6.12), which the server arbitrates. Without fcntl (Windows) no lock is taken.
-    """
+class PrepareLock(FileLock):
+    """The folder's `.prepare.lock` (`lmforge._files.FileLock`), held while one prepare writes there: two
+    prepares into one folder would replace and delete each other's files, so the second is refused at
+    once with the holder's pid and host."""
 
     def __init__(self, folder: Path) -> None:
-        self.path = Path(folder) / LOCK_FILE
-        self._fd: int | None = None
-        if fcntl is None:
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
-            os.close(fd)
-            who = f"process {holder[0]} on host {holder[1]}" if len(holder) == 2 else "another process"
-            raise ValueError(f"{folder} is in use: {who} is preparing token shards into it (lock file "
-                             f"{self.path}); wait for it to finish, or pass another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # no stale pid for the next reader; the folder's bytes stay reproducible
-            os.close(self._fd)  # closing the only descriptor drops the lock
-            self._fd = None
+            super().__init__(Path(folder) / LOCK_FILE)
+        except LockHeld as held:
+            raise ValueError(f"{folder} is in use: {held.holder} is preparing token shards into it (lock file "
+                             f"{Path(folder) / LOCK_FILE}); wait for it to finish, or pass another --out") from None
 
 
 def remove_own_files(folder: Path, keep: set[str] = frozenset()) -> None:
@@ -279,20 +254,8 @@ def remove_own_files(folder: Path, keep: set[str] = frozenset()) -> None:
         m = _OWN_FILE.match(path.name)
         if m is None or path.name in keep:
             continue
-        if m["tmp"] is None or m["pid"] is None or (m["host"] == host and not _alive(int(m["pid"]))):
+        if m["tmp"] is None or m["pid"] is None or (m["host"] == host and not pid_alive(int(m["pid"]))):
             path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    if os.name == "nt":  # there os.kill terminates the process instead of probing it: assume alive
-        return True
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
 
 
 def write_index(folder: Path, index: dict[str, Any]) -> None:

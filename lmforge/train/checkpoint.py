@@ -50,6 +50,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lmforge._files import pid_alive
 from lmforge.data.shard_io import sha256_file
 
 FORMAT = "lmforge-checkpoint"
@@ -247,21 +248,11 @@ def _remove_leftovers(root: Path) -> None:
     (a live one may be another process saving into the same run right now)."""
     for p in root.iterdir():
         m = _LEFTOVER.match(p.name)
-        if m and (int(m.group(3)) == os.getpid() or not _alive(int(m.group(3)))):
+        if m and (int(m.group(3)) == os.getpid() or not pid_alive(int(m.group(3)))):
             if p.is_dir():
                 shutil.rmtree(p, ignore_errors=True)
             else:
                 p.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _prune(root: Path, keep_last: int) -> None:

@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 from typing import Any
 
+from lmforge._files import FileLock, LockHeld
 from lmforge.train.recipe import Recipe, merge, read_yaml, recipe_yaml
-
-try:
-    import fcntl
-except ImportError:  # Windows has no flock: runs there are not locked
-    fcntl = None
 
 LOCK_FILE = ".lock"
 RECIPE_FILE = "recipe.yaml"
@@ -85,43 +80,17 @@ def _empty(out: Path) -> None:
             child.unlink()
 
 
-class RunLock:
-    """An exclusive `flock` on RUN_DIR/.lock, held for the life of a run (by rank 0).
-
-    The kernel drops the lock when the process ends in any way, SIGKILL included, so a lock file
-    left behind never blocks a resume; the pid and host written into it only serve the message.
-    On NFS, flock is emulated with byte-range locks (Linux >= 2.6.12), which the server arbitrates.
-    """
+class RunLock(FileLock):
+    """RUN_DIR/.lock (`lmforge._files.FileLock`), held for the life of a run by rank 0: a second run on the
+    folder fails at once, naming the process that trains in it. A SIGKILL-ed run's lock never blocks a resume."""
 
     def __init__(self, folder: Path) -> None:
-        self.path = folder / LOCK_FILE
-        self._fd: int | None = None
-        if fcntl is None:
-            return
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").split()
-            os.close(fd)
-            who = f"process {holder[0]} on host {holder[1]}" if len(holder) == 2 else "another process"
-            raise RunFolderInUse(f"{folder} is in use: {who} is training in it (lock file {self.path}). Wait "
-                                 "for that run to end or stop it, or choose another --out") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
-        self._fd = fd
-
-    def release(self) -> None:
-        if self._fd is not None:
-            os.ftruncate(self._fd, 0)  # no stale pid for the next reader
-            os.close(self._fd)  # closing the only descriptor drops the lock
-            self._fd = None
-
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
+            super().__init__(folder / LOCK_FILE)
+        except LockHeld as held:
+            raise RunFolderInUse(f"{folder} is in use: {held.holder} is training in it (lock file "
+                                 f"{folder / LOCK_FILE}). Wait for that run to end or stop it, or choose another "
+                                 "--out") from None
 
 
 def prepare_run_dir(out: Path, fresh: bool, overwrite: bool) -> RunLock:

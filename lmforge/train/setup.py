@@ -16,6 +16,7 @@ import socket
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from lmforge._files import pid_alive
 from lmforge.data.corpora import iter_documents, iter_pairs
 from lmforge.data.fetch import default_cache_dir
 from lmforge.data.pair_shards import PairShards, prepare_pair_inputs
@@ -44,16 +45,6 @@ def _tmp_folder(target: Path) -> Path:
     return target.with_name(f"{target.name}.tmp-{socket.gethostname()}-{os.getpid()}")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)  # signal 0: only checks that the process exists
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by another user
-        return True
-    return True
-
-
 def _remove_stale(target: Path) -> None:
     """Delete the build folders of `target` left by dead processes of this host (killed mid-build).
 
@@ -64,7 +55,7 @@ def _remove_stale(target: Path) -> None:
     for tmp in target.parent.glob(f"{target.name}.tmp-*"):
         owner = tmp.name[len(target.name) + len(".tmp-"):]
         tmp_host, _, pid = owner.rpartition("-")
-        if pid.isdigit() and tmp_host in ("", host) and not _alive(int(pid)):
+        if pid.isdigit() and tmp_host in ("", host) and not pid_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from lmforge import _files
 from lmforge.data import corpora, fetch, shard_io
 from lmforge.data.shards import TokenShards, prepare_documents
 from lmforge.data.sources import Source
@@ -182,7 +183,7 @@ def test_lock_is_per_writer_in_one_process_too(tmp_path, tok):
 
 
 def test_without_fcntl_prepare_takes_no_lock(tmp_path, tok, monkeypatch):
-    monkeypatch.setattr(shard_io, "fcntl", None)  # as on Windows
+    monkeypatch.setattr(_files, "fcntl", None)  # as on Windows
     prepare_documents(make_docs(20), tok, tmp_path, shard_tokens=97, progress=False)
     assert not (tmp_path / shard_io.LOCK_FILE).exists()
     TokenShards(tmp_path, "train", tok, verify=True)
