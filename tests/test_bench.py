@@ -243,6 +243,24 @@ def test_prepare_pairs(tmp_path, kind):
 
 
 # ---------------------------------------------------------------------------------------------
+# attention.py: MatmulAttention vs torch's SDPA, forward + backward
+# ---------------------------------------------------------------------------------------------
+
+def test_attention(tmp_path):
+    out = run_bench("attention.py", "--seqs", "16", "32", "--tokens", "64", "--heads", "2", "--head-dim", "16",
+                    "--dropout", "0.1", "--repeats", "2", tmp_path=tmp_path)
+    match_line(r"^bf16, causal, 2 heads of 16, 64 tokens per call, dropout 0.1, 1 threads, medians of 2 "
+               r"interleaved calls; the sdpa backend takes MatmulAttention in bf16 up to T x S = \d+$", out)
+    match_line(r"^ +T +batch +torch ms +lmforge ms +ratio$", out)
+    rows = re.findall(r"^ +(\d+) +(\d+) +(.*)$", out, re.MULTILINE)
+    assert [(int(t), int(b)) for t, b, _ in rows] == [(16, 4), (32, 2)], f"rows {rows}"
+    for t, _, rest in rows:
+        values = numbers(rest)
+        assert len(values) == 3, f"T={t}: expected 3 numbers, got {rest!r}"
+        check_positive(dict(zip(("torch ms", "lmforge ms", "ratio"), values)), f"T={t}")
+
+
+# ---------------------------------------------------------------------------------------------
 # train_throughput.py: training steps/s and MFU, lmforge (aten, oneDNN) vs HF
 # ---------------------------------------------------------------------------------------------
 

@@ -144,11 +144,11 @@ def dropout_keep(shape: torch.Size, dropout: float, device: torch.device) -> tor
     return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - dropout)
 
 
-# Largest T x S score matrix (per batch row and head) for which `sdpa_attention` takes MatmulAttention:
-# measured here (bf16, 2 threads, training step of attention at 2048 tokens per batch) 5.8x faster than
-# torch's CPU flash kernel at T = 64, 2.7x at 256, 2.4x at 512, but only 1.1-1.4x at 1024-2048, where the
-# saved probabilities (2 bytes per score) outgrow the activations; flash attention's memory wins there.
-# With attention dropout torch has no CPU flash kernel and runs its unfused math path: 2x slower still.
+# Largest T x S score matrix (per batch row and head) for which `sdpa_attention` takes MatmulAttention.
+# bench/attention.py (bf16, 2 threads, forward + backward at 2048 tokens per call) measured it 5.0x faster
+# than torch's CPU flash kernel at T = 64, 2.7x at 256, 2.5x at 512, but only 1.1-1.5x at 1024-2048, where
+# the saved probabilities (2 bytes per score) outgrow the activations; flash attention's memory wins there.
+# With attention dropout torch runs its unfused math path instead: 1.4x at T = 256 (`--dropout 0.1`).
 MATMUL_MAX_SCORES = 512 * 512
 
 
