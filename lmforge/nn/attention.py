@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import AttentionConfig
+from lmforge.nn.kernels import MAX_SOFTMAX_COLS, cpu_kernels
 from lmforge.nn.positions import apply_rope
 
 
@@ -109,18 +110,28 @@ class MatmulAttention(torch.autograd.Function):
     FlashAttention's backward, Dao et al. 2022, Alg. 4, without tiling), with Z = dropout(P):
     dV = Z^T dO, dZ = dO V^T, dP = dropout's mask applied to dZ, dS = P * (dP - rowsum(dP * P))
     (`_softmax_backward_data`, one pass), dQ = scale dS K, dK = scale dS^T Q.
+    With bf16 inputs on the CPU and no bias tensor, scaling, the causal mask and the softmax run as one fused
+    pass over the bf16 scores (`lmforge.nn.kernels`, computed in fp32 as above, summed in another order).
     q (B, H, T, D), k and v (B, H, S, D) (GQA heads already repeated), bias (B|1, H|1, T, S) or None,
-    taking no gradient; keep (B, H, T, S) bool or None: which probabilities dropout keeps."""
+    taking no gradient; keep (B, H, T, S) bool or None: which probabilities dropout keeps; causal: query i
+    (the last T of S positions) sees keys j <= i + S - T."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale: float, keep, dropout: float):
-        scores = torch.matmul(q, k.transpose(-2, -1)).to(_softmax_dtype(q.dtype)).mul_(scale)  # (B, H, T, S)
-        if bias is not None:
-            scores.add_(bias)
-        probs = torch.softmax(scores, dim=-1).to(q.dtype)
+    def forward(ctx, q, k, v, bias, scale: float, keep, dropout: float, causal: bool = False):
+        scores = torch.matmul(q, k.transpose(-2, -1))  # (B, H, T, S)
+        if _softmax_kernel_applies(scores, bias, causal):
+            # one pass: scale, causal mask, softmax in fp32, bf16 out (lmforge/nn/kernels/cpu.c), in place
+            probs = cpu_kernels().attn_softmax_(scores, scale, causal)
+        else:
+            scores = scores.to(_softmax_dtype(q.dtype)).mul_(scale)
+            if causal:
+                bias = _causal_bias(*scores.shape[-2:], scores.dtype, q.device)
+            if bias is not None:
+                scores.add_(bias)
+            probs = torch.softmax(scores, dim=-1).to(q.dtype)
         ctx.save_for_backward(q, k, v, probs, keep)
         ctx.scale, ctx.dropout = scale, dropout
-        return torch.matmul(_drop(probs, keep, dropout), v)  # (B, H, T, D)
+        return torch.matmul(_drop(probs, keep, ctx.dropout), v)  # (B, H, T, D)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -131,7 +142,19 @@ class MatmulAttention(torch.autograd.Function):
         grad_scores = torch._softmax_backward_data(grad_probs, probs, -1, probs.dtype)
         grad_q = torch.matmul(grad_scores, k).mul_(ctx.scale)
         grad_k = torch.matmul(grad_scores.transpose(-2, -1), q).mul_(ctx.scale)
-        return grad_q, grad_k, grad_v, None, None, None, None
+        return grad_q, grad_k, grad_v, None, None, None, None, None
+
+
+def _softmax_kernel_applies(scores: torch.Tensor, bias: torch.Tensor | None, causal: bool) -> bool:
+    T, S = scores.shape[-2:]
+    return (bias is None and scores.device.type == "cpu" and scores.dtype == torch.bfloat16
+            and S <= MAX_SOFTMAX_COLS and (T <= S or not causal) and scores.is_contiguous()
+            and not torch.compiler.is_compiling() and cpu_kernels() is not None)
+
+
+def _causal_bias(T: int, S: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(T, S) additive mask: query i (the last T of S positions) sees keys j <= i + S - T."""
+    return torch.full((T, S), torch.finfo(dtype).min, dtype=dtype, device=device).triu_(S - T + 1)
 
 
 def _drop(x: torch.Tensor, keep: torch.Tensor | None, dropout: float) -> torch.Tensor:
@@ -162,13 +185,8 @@ def matmul_attention(
     groups = q.shape[1] // k.shape[1]
     if groups > 1:
         k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (B, H, S, D)
-    T, S = q.shape[-2], k.shape[-2]
-    bias = mask.bias
-    if mask.is_causal:
-        dtype = _softmax_dtype(q.dtype)
-        bias = torch.full((T, S), torch.finfo(dtype).min, dtype=dtype, device=q.device).triu_(1)
-    keep = dropout_keep((*q.shape[:-1], S), dropout, q.device) if dropout > 0 else None  # (B, H, T, S)
-    return MatmulAttention.apply(q, k, v, bias, scale, keep, dropout)
+    keep = dropout_keep((*q.shape[:-1], k.shape[-2]), dropout, q.device) if dropout > 0 else None  # (B, H, T, S)
+    return MatmulAttention.apply(q, k, v, mask.bias, scale, keep, dropout, mask.is_causal)
 
 
 def _matmul_is_faster(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import MLPConfig
+from lmforge.nn.kernels import cpu_kernels
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -52,7 +53,32 @@ class GatedMLP(nn.Module):
             # autocast caches the casts of weights only: x (fp32 from the norm) would be cast for gate and
             # again for up, and both casts' gradients added back; one cast gives the same numbers
             x = x.to(torch.get_autocast_dtype(x.device.type))
-        return self.down(self.act(self.gate(x)) * self.up(x))
+        gate, up = self.gate(x), self.up(x)
+        if self.act is F.silu and _fused_swiglu_applies(gate, up):
+            return self.down(FusedSwiGLU.apply(gate, up))
+        return self.down(self.act(gate) * up)
+
+
+def _fused_swiglu_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
+    return (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16 and gate.shape == up.shape
+            and not torch.compiler.is_compiling() and cpu_kernels() is not None)
+
+
+class FusedSwiGLU(torch.autograd.Function):
+    """silu(gate) * up on bf16 CPU tensors in one pass each way (lmforge/nn/kernels/cpu.c), computed in fp32 and
+    rounded once (the unfused ops round silu(gate) to bf16 first). Saves gate and up, not silu(gate)."""
+
+    @staticmethod
+    def forward(ctx, gate: torch.Tensor, up: torch.Tensor):
+        gate, up = gate.contiguous(), up.contiguous()
+        ctx.save_for_backward(gate, up)
+        return cpu_kernels().swiglu_fwd(gate, up)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        gate, up = ctx.saved_tensors
+        return cpu_kernels().swiglu_bwd(gate, up, grad.to(gate.dtype).contiguous())
 
 
 def make_mlp(d_model: int, cfg: MLPConfig) -> nn.Module:

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from lmforge.config import NormConfig
+from lmforge.nn.kernels import cpu_kernels
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -19,9 +20,11 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`rms_norm_reference`, forward and backward, bit for bit, in fewer passes (see RMSNormFunction).
     Under torch.compile the reference itself: inductor fuses its ops, and dynamo rejects a Function that
-    takes one tensor twice."""
+    takes one tensor twice. Under CPU bf16 autocast the fused kernel (FusedRMSNorm), not bit for bit."""
     if torch.compiler.is_compiling():
         return rms_norm_reference(x, weight, eps)
+    if _fused_applies(x, weight):
+        return FusedRMSNorm.apply(x, weight, eps)
     x32 = x.float()
     return RMSNormFunction.apply(x32, x32, weight, eps, x.dtype)
 
@@ -61,6 +64,34 @@ class RMSNormFunction(torch.autograd.Function):
             grad_mean = -0.5 * grad_r * r.pow(3)  # rsqrt's backward
             grad_x_sq = x * (2 * (grad_mean / x.shape[-1]))  # mean's, then pow's backward
         return grad_x, grad_x_sq, grad_weight, None, None
+
+
+def _fused_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """The fused kernel serves fp32 residual streams under CPU bf16 autocast, where the output is rounded to
+    bf16 by the next matmul anyway; fp32 runs keep the bit-exact path above."""
+    return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+            and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype == torch.float32
+            and weight.dtype == torch.float32 and cpu_kernels() is not None)
+
+
+class FusedRMSNorm(torch.autograd.Function):
+    """`rms_norm_reference` on fp32 x and weight as one pass forward and one backward (lmforge/nn/kernels/cpu.c),
+    saving x and the per-row rsqrt: the same formula, summed in another order (within a few fp32 ulp)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float):
+        rows = x.reshape(-1, x.shape[-1]).contiguous()
+        y, rstd = cpu_kernels().rms_norm_fwd(rows, weight.contiguous(), eps)
+        ctx.save_for_backward(rows, weight, rstd)
+        return y.view(x.shape)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        rows, weight, rstd = ctx.saved_tensors
+        grad_x, grad_w = cpu_kernels().rms_norm_bwd(rows, weight.contiguous(), rstd,
+                                                    grad.reshape(rows.shape).float().contiguous())
+        return grad_x.view(grad.shape), grad_w, None
 
 
 class RMSNorm(nn.Module):

@@ -15,6 +15,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from lmforge.nn.kernels import cpu_kernels
+
 # Rows of logits per chunk in ChunkedCrossEntropy on CPU: 2^18 fp32 values (1 MiB), so a chunk's fp32
 # temporaries stay in L2; at least 8 rows, so a huge vocabulary does not mean thousands of Python-level chunks.
 CHUNK_VALUES = 2**18
@@ -97,6 +99,43 @@ class ChunkedCrossEntropy(torch.autograd.Function):
         return grad_logits, None, None, None
 
 
+class FusedCrossEntropy(torch.autograd.Function):
+    """`ChunkedCrossEntropy` for bf16 logits on the CPU: one pass over the logits forward (the per-row
+    log-sum-exp, log p_y and, with smoothing, sum_c log p_c, in fp32) and one backward, where the gradient
+    g (p - (1 - eps) onehot(y) - eps / V) of each kept row is computed in fp32 and rounded to bf16 once
+    (lmforge/nn/kernels/cpu.c). The same loss as the reference within fp32 rounding (another summation order);
+    keeps only the (N,) log-sum-exps besides the logits."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float, ignore_index: int):
+        keep = labels != ignore_index
+        safe_labels = torch.where(keep, labels, 0).to(torch.int64).contiguous()  # the kernel reads int64
+        logits = logits.contiguous()
+        lse, picked, total = cpu_kernels().cross_entropy_fwd(logits, safe_labels, with_sum=label_smoothing > 0)
+        loss = -picked.masked_fill(~keep, 0.0).sum()
+        if total is not None:
+            smooth = (-total).masked_fill_(~keep, 0.0).sum()
+            loss = (1 - label_smoothing) * loss + smooth * (label_smoothing / logits.shape[1])
+        ctx.save_for_backward(logits, safe_labels, keep, lse)
+        ctx.label_smoothing = label_smoothing
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss: torch.Tensor):
+        logits, safe_labels, keep, lse = ctx.saved_tensors
+        eps, vocab = ctx.label_smoothing, logits.shape[1]
+        coef_p = torch.where(keep, grad_loss.float(), 0.0)  # (N,): g for kept rows, 0 for ignored ones
+        grad = cpu_kernels().cross_entropy_bwd(logits, safe_labels, lse, coef_p, coef_p * (-eps / vocab),
+                                               coef_p * -(1 - eps))
+        return grad, None, None, None
+
+
+def _fused_loss_applies(logits: torch.Tensor) -> bool:
+    # bf16 only: fp32 and fp16 logits keep ChunkedCrossEntropy, bit for bit F.cross_entropy (the golden curve)
+    return logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and cpu_kernels() is not None
+
+
 def token_loss(
     logits: torch.Tensor, labels: torch.Tensor, *, label_smoothing: float = 0.0, ignore_index: int = -100
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -120,7 +159,8 @@ def token_loss(
         raise ValueError(f"labels must lie in [0, {logits.shape[-1]}) or equal ignore_index={ignore_index}: got "
                          f"values in [{low}, {high}]; check the tokenizer's vocab_size against the model's")
     # softmax and loss in fp32 (precision policy), computed chunk by chunk from logits in their own dtype
-    loss_sum = ChunkedCrossEntropy.apply(logits.reshape(-1, logits.shape[-1]), flat_labels, label_smoothing,
+    function = FusedCrossEntropy if _fused_loss_applies(logits) else ChunkedCrossEntropy
+    loss_sum = function.apply(logits.reshape(-1, logits.shape[-1]), flat_labels, label_smoothing,
                                          ignore_index)
     return loss_sum, counted.sum()
 

@@ -167,9 +167,11 @@ def test_mlp_matches_formula(name, gated, bias):
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_gated_mlp_casts_its_input_once_with_the_same_numbers(autocast):
+def test_gated_mlp_casts_its_input_once_with_the_same_numbers(autocast, monkeypatch):
     """Under autocast GatedMLP casts x once for gate and up; the output and every gradient must equal the
-    plain formula, where autocast casts x for each projection."""
+    plain formula, where autocast casts x for each projection. (With the fused SwiGLU kernel the numbers
+    change within bf16 rounding: tests/nn/test_cpu_kernels.py; here the torch ops.)"""
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
     torch.manual_seed(0)
     mlp = make_mlp(D, MLPConfig(d_ff=80, activation="silu", gated=True))
     results = []

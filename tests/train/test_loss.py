@@ -74,7 +74,9 @@ def _loss_and_grad(fn, logits: torch.Tensor, labels: torch.Tensor, **kw) -> tupl
 @pytest.mark.parametrize("layout", ["contiguous", "sliced", "ignore_index=0"])
 def test_chunked_cross_entropy_is_bitwise_the_reference(dtype, eps, layout, monkeypatch):
     """token_loss (chunked) == token_loss_reference (F.cross_entropy on logits.float()): loss and gradient
-    bit for bit, with several chunks and a short last one, ignored tokens and an all-ignored row."""
+    bit for bit, with several chunks and a short last one, ignored tokens and an all-ignored row. (bf16 on
+    the CPU takes the fused kernel when it is built: tests/nn/test_cpu_kernels.py; here the torch path.)"""
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
     monkeypatch.setattr(loss_module, "CHUNK_VALUES", 4 * 100)  # 8 rows (MIN_CHUNK_ROWS) per chunk: 3 chunks
     g = torch.Generator().manual_seed(0)
     padded = torch.randn(3, 7, 112, generator=g) * 4
@@ -94,15 +96,19 @@ def test_chunked_cross_entropy_is_bitwise_the_reference(dtype, eps, layout, monk
     assert ours_grad[1].abs().sum() == 0, "ignored tokens must get no gradient"
 
 
-def test_chunked_cross_entropy_with_default_chunks_and_a_big_vocabulary():
-    """At the default chunk size (CHUNK_VALUES / V rows; here 32 rows of V = 8192, 3 chunks for 70 rows)."""
+@pytest.mark.parametrize("kernels", ["0", "1"], ids=["torch-ops", "fused-kernel"])
+def test_chunked_cross_entropy_with_default_chunks_and_a_big_vocabulary(kernels, monkeypatch):
+    """At the default chunk size (CHUNK_VALUES / V rows; here 32 rows of V = 8192, 3 chunks for 70 rows), and
+    through the fused bf16 kernel (where it is built): both against the math in fp64."""
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", kernels)
     g = torch.Generator().manual_seed(1)
     logits = (torch.randn(2, 35, 8192, generator=g) * 3).bfloat16()
     labels = torch.randint(0, 8192, (2, 35), generator=g)
     labels[0, :5] = -100
     ours, ours_grad = _loss_and_grad(token_loss, logits, labels)
-    ref, ref_grad = _loss_and_grad(token_loss_reference, logits, labels)
-    assert torch.equal(ours, ref) and torch.equal(ours_grad, ref_grad)
+    if kernels == "0":
+        ref, ref_grad = _loss_and_grad(token_loss_reference, logits, labels)
+        assert torch.equal(ours, ref) and torch.equal(ours_grad, ref_grad)
     # and the math, in fp64: sum_i lse(z_i) - z_i[y_i]; gradient g (softmax(z) - onehot(y)), rounded to bf16
     z, keep = logits.double().reshape(-1, 8192), labels.reshape(-1) != -100
     y = labels.reshape(-1)[keep]
