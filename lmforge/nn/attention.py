@@ -23,7 +23,7 @@ from torch import nn
 
 from lmforge.config import AttentionConfig
 from lmforge.nn.kernels import MAX_SOFTMAX_COLS, cpu_kernels
-from lmforge.nn.positions import apply_rope
+from lmforge.nn.positions import apply_rope, rope_heads, rope_heads_applies
 
 
 @dataclass
@@ -255,12 +255,15 @@ class Attention(nn.Module):
             # back to (B, T, d) reads in place, where `narrow` zero-fills a full-size gradient per piece (and
             # the transposed sum needs a copy). RoPE rotates q and k in one call.
             qk, v = self.qkv(x).view(B, T, H + 2 * K, D).split([H + K, K], dim=2)  # (B, T, H+K | K, D)
-            if rope is not None:
-                cos, sin = rope  # (B|1, 1, T, D)
-                if cos.dtype != qk.dtype:  # fp32 tables, bf16 activations under autocast
-                    cos, sin = cos.to(qk.dtype), sin.to(qk.dtype)
-                qk = apply_rope(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # tables as (B|1, T, 1, D)
-            q, k = (t.transpose(1, 2) for t in qk.split([H, K], dim=2))  # (B, H|K, T, D)
+            if rope is not None and rope_heads_applies(qk, rope[0]):  # CPU bf16: the fused kernel
+                q, k = rope_heads(qk, *rope, H)  # (B, H|K, T, D), contiguous
+            else:
+                if rope is not None:
+                    cos, sin = rope  # (B|1, 1, T, D)
+                    if cos.dtype != qk.dtype:  # fp32 tables, bf16 activations under autocast
+                        cos, sin = cos.to(qk.dtype), sin.to(qk.dtype)
+                    qk = apply_rope(qk, cos.transpose(1, 2), sin.transpose(1, 2))  # tables as (B|1, T, 1, D)
+                q, k = (t.transpose(1, 2) for t in qk.split([H, K], dim=2))  # (B, H|K, T, D)
             v = v.transpose(1, 2)  # (B, K, T, D)
             if cache is not None:
                 k, v = cache.update(self.layer_idx, k, v)  # (B, K, S, D): cached keys and these

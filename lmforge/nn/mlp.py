@@ -31,11 +31,15 @@ class MLP(nn.Module):
     def __init__(self, d_model: int, cfg: MLPConfig) -> None:
         super().__init__()
         self.act = activation(cfg.activation)
+        self.fused_act = cfg.activation == "gelu_tanh"  # the activation lmforge.nn.kernels computes
         self.up = nn.Linear(d_model, cfg.d_ff, bias=cfg.bias)
         self.down = nn.Linear(cfg.d_ff, d_model, bias=cfg.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down(self.act(self.up(x)))
+        h = self.up(x)
+        if self.fused_act and _fused_applies(h):
+            return self.down(FusedGeluTanh.apply(h))
+        return self.down(self.act(h))
 
 
 class GatedMLP(nn.Module):
@@ -54,14 +58,32 @@ class GatedMLP(nn.Module):
             # again for up, and both casts' gradients added back; one cast gives the same numbers
             x = x.to(torch.get_autocast_dtype(x.device.type))
         gate, up = self.gate(x), self.up(x)
-        if self.act is F.silu and _fused_swiglu_applies(gate, up):
+        if self.act is F.silu and _fused_applies(gate) and up.dtype == gate.dtype and up.shape == gate.shape:
             return self.down(FusedSwiGLU.apply(gate, up))
         return self.down(self.act(gate) * up)
 
 
-def _fused_swiglu_applies(gate: torch.Tensor, up: torch.Tensor) -> bool:
-    return (gate.device.type == "cpu" and gate.dtype == up.dtype == torch.bfloat16 and gate.shape == up.shape
-            and not torch.compiler.is_compiling() and cpu_kernels() is not None)
+def _fused_applies(h: torch.Tensor) -> bool:
+    """bf16 activations on the CPU take lmforge.nn.kernels' fused activations (fp32 keeps torch's ops)."""
+    return (h.device.type == "cpu" and h.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
+            and cpu_kernels() is not None)
+
+
+class FusedGeluTanh(torch.autograd.Function):
+    """F.gelu(h, approximate="tanh") on bf16 CPU tensors in one pass each way (lmforge/nn/kernels/cpu.c), tanh
+    through exp in fp32 (within a few fp32 ulp), rounded to bf16 once, as torch's kernel does."""
+
+    @staticmethod
+    def forward(ctx, h: torch.Tensor):
+        h = h.contiguous()
+        ctx.save_for_backward(h)
+        return cpu_kernels().gelu_tanh_fwd(h)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        (h,) = ctx.saved_tensors
+        return cpu_kernels().gelu_tanh_bwd(h, grad.to(h.dtype).contiguous())
 
 
 class FusedSwiGLU(torch.autograd.Function):

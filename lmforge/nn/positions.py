@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig, PositionConfig
+from lmforge.nn.kernels import cpu_kernels
 
 
 class NoPositions(nn.Module):
@@ -116,6 +117,53 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     half = x.shape[-1] // 2
     signed_sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)  # (B|1, 1, T, D)
     return x * cos + x.roll(half, dims=-1) * signed_sin
+
+
+def rope_heads_applies(qk: torch.Tensor, cos: torch.Tensor) -> bool:
+    """Whether `rope_heads` (the fused kernel) takes this bf16 CPU projection and these fp32 tables."""
+    B, T, _, D = qk.shape
+    return (qk.device.type == "cpu" and qk.dtype == torch.bfloat16 and qk.stride(-1) == 1 and D % 2 == 0
+            and cos.dtype == torch.float32 and cos.shape[0] in (1, B) and cos.shape[1:] == (1, T, D)
+            and cos.is_contiguous() and not torch.compiler.is_compiling() and cpu_kernels() is not None)
+
+
+def rope_heads(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_head: int):
+    """qk (B, T, H + K, D) bf16, the query and key heads of a fused projection, tables (B|1, 1, T, D) fp32 ->
+    q (B, H, T, D), k (B, K, T, D), rotated and contiguous: `apply_rope` and the transpose to heads-first in one
+    pass (lmforge/nn/kernels/cpu.c), so the attention matmuls read them without copies. Computed in fp32 with
+    fp32 tables, rounded once (the unfused bf16 path rounds the tables, both products and their sum)."""
+    return FusedRope.apply(qk, cos, sin, n_q_head)
+
+
+class FusedRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_head: int):
+        B, T, heads, D = qk.shape
+        cos, sin = cos[:, 0], sin[:, 0]  # (B|1, T, D)
+        q = torch.empty(B, n_q_head, T, D, dtype=qk.dtype)
+        k = torch.empty(B, heads - n_q_head, T, D, dtype=qk.dtype)
+        kernels = cpu_kernels()
+        kernels.rope_(qk[:, :, :n_q_head], q.transpose(1, 2), cos, sin, backward=False)
+        kernels.rope_(qk[:, :, n_q_head:], k.transpose(1, 2), cos, sin, backward=False)
+        ctx.save_for_backward(cos, sin)
+        ctx.n_q_head, ctx.qk_shape, ctx.dtype = n_q_head, qk.shape, qk.dtype
+        return q, k
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_q: torch.Tensor | None, grad_k: torch.Tensor | None):
+        cos, sin = ctx.saved_tensors
+        n_q = ctx.n_q_head
+        grad = torch.empty(ctx.qk_shape, dtype=ctx.dtype)
+        kernels = cpu_kernels()
+        for g, heads in ((grad_q, slice(0, n_q)), (grad_k, slice(n_q, None))):
+            if g is None:  # that output took no part in the loss
+                grad[:, :, heads] = 0
+                continue
+            g = g.to(ctx.dtype)
+            g = g if g.stride(-1) == 1 else g.contiguous()
+            kernels.rope_(g.transpose(1, 2), grad[:, :, heads], cos, sin, backward=True)
+        return grad, None, None, None
 
 
 class RotaryPositions(NoPositions):

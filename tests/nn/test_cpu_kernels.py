@@ -15,8 +15,9 @@ import lmforge
 from lmforge.nn import kernels as kernels_module
 from lmforge.nn.attention import AttentionMask, MatmulAttention, eager_attention, matmul_attention
 from lmforge.nn.kernels import cpu_kernels
-from lmforge.nn.mlp import FusedSwiGLU
+from lmforge.nn.mlp import FusedGeluTanh, FusedSwiGLU
 from lmforge.nn.norms import FusedRMSNorm, rms_norm, rms_norm_reference
+from lmforge.nn.positions import RotaryPositions, apply_rope_reference, rope_heads
 from lmforge.train.loss import FusedCrossEntropy, token_loss, token_loss_reference
 
 BUILDABLE = platform.system() == "Linux" and shutil.which("cc") is not None
@@ -238,3 +239,68 @@ def test_a_bf16_training_step_with_and_without_the_kernels(monkeypatch):
         g_off = grads_off[name]
         cos = F.cosine_similarity(g_on.flatten(), g_off.flatten(), dim=0).item()
         assert cos > 0.99, f"{name}: gradients with and without the kernels point apart (cosine {cos:.4f})"
+
+
+def test_gelu_tanh_matches_float64_and_torch():
+    """Output and gradient rounded once from the float64 formula, written as x sigmoid(2 z) (= x (1 + tanh z) / 2,
+    without the cancellation of 1 + tanh z for negative z, which costs even float64 its digits below x ~ -5);
+    torch's bf16 kernel (fp32 inside, tanh form, so it loses the far negative tail) agrees within a bf16 step
+    or 1e-4."""
+    x = _bf16(4, 33, 96, seed=5, scale=3).requires_grad_()
+    grad = _bf16(4, 33, 96, seed=6)
+    out = FusedGeluTanh.apply(x)
+    out.backward(grad)
+    x64 = x.detach().double().requires_grad_()
+    ref = x64 * torch.sigmoid(2 * 0.7978845608028654 * (x64 + 0.044715 * x64**3))
+    torch.testing.assert_close(ref, F.gelu(x64, approximate="tanh"), rtol=1e-12, atol=1e-14)
+    ref.backward(grad.double())
+    _assert_rounded_once("out", out, ref)
+    _assert_rounded_once("d x", x.grad, x64.grad)
+    x_torch = x.detach().clone().requires_grad_()
+    torch_out = F.gelu(x_torch, approximate="tanh")
+    torch_out.backward(grad)
+    for ours, theirs in ((out, torch_out), (x.grad, x_torch.grad)):
+        torch.testing.assert_close(ours.float(), theirs.float(), rtol=ROUNDING, atol=1e-4)
+
+
+def test_plain_mlp_takes_the_gelu_kernel_for_gelu_tanh_in_bf16_only():
+    for act, fused in (("gelu_tanh", True), ("gelu", False), ("relu", False)):
+        mlp = lmforge.nn.mlp.make_mlp(32, lmforge.config.MLPConfig(d_ff=64, activation=act, gated=False))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = mlp(torch.randn(2, 3, 32))
+        assert ("FusedGeluTanhBackward" in _graph_nodes(y)) == fused, act
+        assert "FusedGeluTanhBackward" not in _graph_nodes(mlp(torch.randn(2, 3, 32)))
+
+
+@pytest.mark.parametrize("per_batch_positions", [False, True], ids=["shared-positions", "per-row-positions"])
+@pytest.mark.parametrize("T", [1, 19])
+def test_rope_heads_match_the_reference_in_float64(T, per_batch_positions):
+    """rope_heads = apply_rope_reference then the split into heads-first q and k (GQA: 4 query, 2 key heads),
+    forward and backward, each value rounded once from float64; q and k come out contiguous."""
+    B, H, K, D = 3, 4, 2, 64
+    cfg = lmforge.ModelConfig.from_preset("debug-llama", d_model=H * D, attention={"n_head": H, "n_kv_head": K})
+    positions = (torch.randint(0, 500, (B, T)) if per_batch_positions else torch.arange(7, 7 + T)[None])
+    cos, sin = RotaryPositions(cfg, bidirectional=False).rotary(positions)  # (B|1, 1, T, D) fp32
+    proj = _bf16(B, T, H + 2 * K, D, seed=7, scale=2)  # q, k and v heads of a fused projection
+    qk = proj.requires_grad_()
+    q, k = rope_heads(proj[:, :, : H + K], cos, sin, H)
+    assert q.shape == (B, H, T, D) and k.shape == (B, K, T, D) and q.is_contiguous() and k.is_contiguous()
+    grad_q, grad_k = _bf16(B, H, T, D, seed=8), _bf16(B, K, T, D, seed=9)
+    torch.autograd.backward((q, k), (grad_q, grad_k))
+    x64 = proj.detach().double().requires_grad_()
+    rotated = apply_rope_reference(x64[:, :, : H + K], cos.double().transpose(1, 2), sin.double().transpose(1, 2))
+    q64, k64 = (t.transpose(1, 2) for t in rotated.split([H, K], dim=2))
+    torch.autograd.backward((q64, k64), (grad_q.double(), grad_k.double()))
+    _assert_rounded_once("q", q, q64)
+    _assert_rounded_once("k", k, k64)
+    _assert_rounded_once("d qk", qk.grad[:, :, : H + K], x64.grad[:, :, : H + K])
+    assert (qk.grad[:, :, H + K:] == 0).all(), "the value heads get no gradient from the rotation"
+
+
+def test_attention_takes_the_rope_kernel_in_bf16_only():
+    cfg = lmforge.ModelConfig.from_preset("debug-llama")
+    model = lmforge.build_model(cfg, seed=0)
+    ids = torch.randint(0, cfg.vocab_size, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert "FusedRopeBackward" in _graph_nodes(model(ids).logits)
+    assert "FusedRopeBackward" not in _graph_nodes(model(ids).logits)

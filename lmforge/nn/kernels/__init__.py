@@ -6,10 +6,11 @@ backward alone is about ten). Each kernel here reads its inputs once and writes 
 computing in fp32. They serve the CPU bf16 path only (autocast): fp32 training keeps the torch ops,
 which reproduce their references bit for bit (and the golden loss curve with them).
 
-Who uses them: `lmforge.nn.norms` (RMSNorm), `lmforge.nn.mlp` (SwiGLU), `lmforge.nn.attention`
-(MatmulAttention's softmax) and `lmforge.train.loss` (cross-entropy), each through `cpu_kernels()`,
-falling back to its torch ops when that returns None: `LMFORGE_CPU_KERNELS=0`, not Linux, not under
-torch.compile (the callers check that), or no C compiler (one warning says so and how to fix it).
+Who uses them: `lmforge.nn.norms` (RMSNorm), `lmforge.nn.positions` (RoPE), `lmforge.nn.mlp` (SwiGLU,
+GELU), `lmforge.nn.attention` (MatmulAttention's softmax) and `lmforge.train.loss` (cross-entropy), each
+through `cpu_kernels()`, falling back to its torch ops when that returns None: `LMFORGE_CPU_KERNELS=0`,
+not Linux, or no C compiler (one warning says so and how to fix it); the callers also keep their torch
+ops under torch.compile, which cannot trace a ctypes call.
 tests/nn/test_cpu_kernels.py checks every kernel against its readable torch reference.
 
 Build: `cc -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math -shared -fPIC`, once per
@@ -42,8 +43,11 @@ _P, _I, _F = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
 SIGNATURES = {
     "rms_norm_fwd": [_P, _P, _P, _P, _I, _I, _F],
     "rms_norm_bwd": [_P, _P, _P, _P, _P, _P, _I, _I],
+    "rope": [_P, _I, _I, _I, _P, _I, _I, _I, _P, _P, _I, _I, _I, _I, _I, ctypes.c_int],
     "swiglu_fwd": [_P, _P, _P, _I],
     "swiglu_bwd": [_P, _P, _P, _P, _P, _I],
+    "gelu_tanh_fwd": [_P, _P, _I],
+    "gelu_tanh_bwd": [_P, _P, _P, _I],
     "attn_softmax_fwd": [_P, _P, _I, _I, _I, _F, ctypes.c_int],
     "cross_entropy_fwd": [_P, _P, _P, _P, _P, _I, _I],
     "cross_entropy_bwd": [_P, _P, _P, _P, _P, _P, _P, _I, _I],
@@ -78,6 +82,14 @@ class CPUKernels:
                               grad_w.data_ptr(), rows, dim)
         return grad_x, grad_w
 
+    def rope_(self, x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
+        """Rotate bf16 x (B, T, heads, D) into out (same shape, any strides, channels contiguous) by the fp32
+        tables cos, sin (B|1, T, D), contiguous; backward applies the transposed rotation."""
+        B, T, heads, D = x.shape
+        table_stride = cos.stride(0) if cos.shape[0] > 1 else 0
+        self.lib.rope(x.data_ptr(), *x.stride()[:3], out.data_ptr(), *out.stride()[:3], cos.data_ptr(),
+                      sin.data_ptr(), table_stride, B, T, heads, D, int(backward))
+
     def swiglu_fwd(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, bf16 of one shape."""
         out = torch.empty_like(gate)
@@ -90,6 +102,18 @@ class CPUKernels:
         self.lib.swiglu_bwd(gate.data_ptr(), up.data_ptr(), grad.data_ptr(), grad_gate.data_ptr(),
                             grad_up.data_ptr(), gate.numel())
         return grad_gate, grad_up
+
+    def gelu_tanh_fwd(self, x: torch.Tensor) -> torch.Tensor:
+        """GELU, tanh form, of bf16 x."""
+        out = torch.empty_like(x)
+        self.lib.gelu_tanh_fwd(x.data_ptr(), out.data_ptr(), x.numel())
+        return out
+
+    def gelu_tanh_bwd(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """-> grad_x, bf16."""
+        grad_x = torch.empty_like(x)
+        self.lib.gelu_tanh_bwd(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel())
+        return grad_x
 
     def attn_softmax_(self, scores: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
         """In place: bf16 scores (..., T, S) -> softmax(scale * scores) over S, causal keys j <= i + S - T."""

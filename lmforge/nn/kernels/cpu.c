@@ -32,8 +32,9 @@ static inline uint16_t f32_to_bf16(float f) {
 }
 
 /* exp(x): Cephes' expf (range reduction by ln 2 in two parts, degree-6 polynomial), within 2 ulp of the
- * correctly rounded value; 0 below -87.3 (where expf is subnormal or 0), NaN stays NaN. Written with
- * selects rather than fminf / fmaxf, so that loops calling it vectorise (with -fno-trapping-math). */
+ * correctly rounded value; 0 below -87.3 (where expf is subnormal or 0), +inf above 88.72 (where it
+ * overflows), NaN stays NaN. Written with selects rather than fminf / fmaxf, so that loops calling it
+ * vectorise (with -fno-trapping-math). */
 static inline float exp_f32(float x) {
     float xc = x < -87.3f ? -87.3f : x;
     xc = xc > 88.0f ? 88.0f : xc;
@@ -48,7 +49,8 @@ static inline float exp_f32(float x) {
     p = p * r * r + r + 1.0f;
     bits32 scale;
     scale.u = (uint32_t)((int32_t)n + 127) << 23;
-    return x < -87.3f ? 0.0f : p * scale.f;
+    float result = x > 88.72f ? INFINITY : p * scale.f;
+    return x < -87.3f ? 0.0f : result;
 }
 
 #define BLOCK 4096 /* elements per work item of the elementwise kernels */
@@ -108,6 +110,44 @@ void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float
     free(partial);
 }
 
+/* ---- RoPE, "rotate half" (Su et al. 2021, §3.4.2) on bf16 heads with fp32 tables ------------------------
+ * For the halves x1, x2 of each head (channels i and i + D/2):
+ *   forward   y1 = x1 c1 - x2 s1,  y2 = x2 c2 + x1 s2
+ *   backward  y1 = x1 c1 + x2 s2,  y2 = x2 c2 - x1 s1   (the transpose: the gradient through the rotation)
+ * x and y are (B, T, heads, D) in any layout whose channels are contiguous, given by element strides per
+ * batch row, position and head; the tables cos, sin are (B or 1, T, D) contiguous, table_batch_stride 0
+ * when shared by the batch. Each value is computed in fp32 and rounded to bf16 once. */
+void rope(const uint16_t *x, int64_t xsb, int64_t xst, int64_t xsh, uint16_t *y, int64_t ysb, int64_t yst,
+          int64_t ysh, const float *cos, const float *sin, int64_t table_batch_stride, int64_t batch, int64_t t_len,
+          int64_t heads, int64_t dim, int backward) {
+    int64_t half = dim / 2;
+#pragma omp parallel for collapse(2) schedule(static)
+    for (int64_t b = 0; b < batch; b++) {
+        for (int64_t t = 0; t < t_len; t++) {
+            const float *c = cos + b * table_batch_stride + t * dim, *s = sin + b * table_batch_stride + t * dim;
+            for (int64_t h = 0; h < heads; h++) {
+                const uint16_t *xi = x + b * xsb + t * xst + h * xsh;
+                uint16_t *yi = y + b * ysb + t * yst + h * ysh;
+                if (!backward) {
+#pragma omp simd
+                    for (int64_t i = 0; i < half; i++) {
+                        float x1 = bf16_to_f32(xi[i]), x2 = bf16_to_f32(xi[i + half]);
+                        yi[i] = f32_to_bf16(x1 * c[i] - x2 * s[i]);
+                        yi[i + half] = f32_to_bf16(x2 * c[i + half] + x1 * s[i + half]);
+                    }
+                } else {
+#pragma omp simd
+                    for (int64_t i = 0; i < half; i++) {
+                        float x1 = bf16_to_f32(xi[i]), x2 = bf16_to_f32(xi[i + half]);
+                        yi[i] = f32_to_bf16(x1 * c[i] + x2 * s[i + half]);
+                        yi[i + half] = f32_to_bf16(x2 * c[i + half] - x1 * s[i]);
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* ---- SwiGLU (Shazeer 2020, eq. 6): h = silu(g) u, elementwise over bf16 -------------------------------- */
 void swiglu_fwd(const uint16_t *g, const uint16_t *u, uint16_t *h, int64_t n) {
 #pragma omp parallel for schedule(static)
@@ -132,6 +172,40 @@ void swiglu_bwd(const uint16_t *g, const uint16_t *u, const uint16_t *dh, uint16
             float s = sigmoid_f32(gi);
             du[i] = f32_to_bf16(di * gi * s);
             dg[i] = f32_to_bf16(di * ui * s * (1.0f + gi * (1.0f - s)));
+        }
+    }
+}
+
+/* ---- GELU, tanh form (Hendrycks & Gimpel 2016, GPT-2's): y = x/2 (1 + tanh(k0 (x + k1 x^3))) ------------- */
+#define GELU_K0 0.7978845608028654f /* sqrt(2 / pi) */
+#define GELU_K1 0.044715f
+
+/* With s = sigmoid(2 z), 1 + tanh(z) = 2 s and 1 - tanh(z)^2 = 4 s (1 - s): y = x s, and no cancellation
+ * in 1 + tanh(z) for negative z. */
+void gelu_tanh_fwd(const uint16_t *x, uint16_t *y, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t end = start + BLOCK < n ? start + BLOCK : n;
+#pragma omp simd
+        for (int64_t i = start; i < end; i++) {
+            float v = bf16_to_f32(x[i]);
+            y[i] = f32_to_bf16(v * sigmoid_f32(2.0f * GELU_K0 * (v + GELU_K1 * v * v * v)));
+        }
+    }
+}
+
+/* dy/dx = (1 + t) / 2 + x/2 (1 - t^2) k0 (1 + 3 k1 x^2) with t = tanh(k0 (x + k1 x^3)) (torch's
+ * gelu_backward), = s + 2 x s (1 - s) k0 (1 + 3 k1 x^2). */
+void gelu_tanh_bwd(const uint16_t *x, const uint16_t *dy, uint16_t *dx, int64_t n) {
+#pragma omp parallel for schedule(static)
+    for (int64_t start = 0; start < n; start += BLOCK) {
+        int64_t end = start + BLOCK < n ? start + BLOCK : n;
+#pragma omp simd
+        for (int64_t i = start; i < end; i++) {
+            float v = bf16_to_f32(x[i]);
+            float s = sigmoid_f32(2.0f * GELU_K0 * (v + GELU_K1 * v * v * v));
+            float slope = s + 2.0f * v * s * (1.0f - s) * GELU_K0 * (1.0f + 3.0f * GELU_K1 * v * v);
+            dx[i] = f32_to_bf16(bf16_to_f32(dy[i]) * slope);
         }
     }
 }
