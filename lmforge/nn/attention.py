@@ -168,10 +168,11 @@ def dropout_keep(shape: torch.Size, dropout: float, device: torch.device) -> tor
 
 
 # Largest T x S score matrix (per batch row and head) for which `sdpa_attention` takes MatmulAttention.
-# bench/attention.py (bf16, 2 threads, forward + backward at 2048 tokens per call) measured it 5.0x faster
-# than torch's CPU flash kernel at T = 64, 2.7x at 256, 2.5x at 512, but only 1.1-1.5x at 1024-2048, where
-# the saved probabilities (2 bytes per score) outgrow the activations; flash attention's memory wins there.
-# With attention dropout torch runs its unfused math path instead: 1.4x at T = 256 (`--dropout 0.1`).
+# bench/attention.py (bf16, 2 threads, forward + backward at 2048 tokens per call, the fused softmax kernel
+# built) measured it 6.0x faster than torch's CPU flash kernel at T = 64, 3.5x at 256 and 512, 1.9x and
+# 1.6x at 1024 and 2048; beyond 512 the saved probabilities (2 bytes per score) outgrow the activations,
+# so flash attention's memory wins there. With attention dropout torch runs its unfused math path
+# instead: 1.3x at T = 256 (`--dropout 0.1`; drawing the mask takes most of lmforge's time).
 MATMUL_MAX_SCORES = 512 * 512
 
 

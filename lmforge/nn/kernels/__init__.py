@@ -3,8 +3,9 @@
 Why: in a bf16 training step on the CPU the matmuls run near the machine's peak, and what is left is
 elementwise and row-wise work that torch runs as several kernels, each a pass over memory (RMSNorm's
 backward alone is about ten). Each kernel here reads its inputs once and writes its outputs once,
-computing in fp32. They serve the CPU bf16 path only (autocast): fp32 training keeps the torch ops,
-which reproduce their references bit for bit (and the golden loss curve with them).
+computing in fp32 and rounding to bf16 once. They serve bf16 work on the CPU only (autocast training,
+bf16 inference): fp32 keeps the torch ops, which reproduce their references bit for bit (and the golden
+loss curve with them).
 
 Who uses them: `lmforge.nn.norms` (RMSNorm), `lmforge.nn.positions` (RoPE), `lmforge.nn.mlp` (SwiGLU,
 GELU), `lmforge.nn.attention` (MatmulAttention's softmax) and `lmforge.train.loss` (cross-entropy), each
