@@ -68,6 +68,28 @@ class Dist:
         if self.world > 1:
             dist.barrier()
 
+    def from_main(self, fn):
+        """fn() run by rank 0 alone, its result handed to every rank (pickled through the process group): work
+        whose answer all ranks need but one can find, such as hashing a checkpoint's files, which would
+        otherwise read the same gigabytes once per process. An exception on rank 0 reaches every rank: rank 0
+        raises its own, the others a RuntimeError (a ValueError for a ValueError) with its message."""
+        if self.world == 1:
+            return fn()
+        box: list = [None, None]  # (result, (exception type name, message))
+        error = None
+        if self.main:
+            try:
+                box[0] = fn()
+            except Exception as e:  # every rank must reach the broadcast, or the others wait forever
+                error, box[1] = e, (type(e).__name__, str(e))
+        dist.broadcast_object_list(box, src=0)
+        if error is not None:
+            raise error
+        if box[1] is not None:
+            kind, message = box[1]
+            raise (ValueError if kind == "ValueError" else RuntimeError)(f"rank 0: {message}")
+        return box[0]
+
     def close(self) -> None:
         """Leave the job. Collect garbage first: gloo's worker threads can still hold tensors of
         finished collectives (gradient buckets), and a process group torn down under them, or an

@@ -181,7 +181,7 @@ def _train(recipe: Recipe, out: Path, d: Dist, say, cleanup: contextlib.ExitStac
     if rest or accumulation < 1:
         raise ValueError(f"batch.global_batch={b.global_batch} must be a multiple of batch.micro_batch "
                          f"({b.micro_batch}) x processes ({d.world})")
-    latest = ckpt.latest_checkpoint(out)
+    latest = d.from_main(lambda: ckpt.latest_checkpoint(out))  # rank 0 hashes the files, the others take its pick
     changes = check_resume(out, recipe) if latest is not None else []  # before any data work; every rank
 
     objective = get_objective(recipe.data.objective)
@@ -212,7 +212,7 @@ def _train(recipe: Recipe, out: Path, d: Dist, say, cleanup: contextlib.ExitStac
     start = 0
     if latest is not None:
         model_in, optimizer_in = loadable(model, optimizer)  # FSDP2: each rank takes its shard of the full state
-        # latest_checkpoint verified its checksums just now
+        # rank 0's latest_checkpoint verified its checksums just now
         state = ckpt.load_checkpoint(latest, model=model_in, optimizer=optimizer_in, verify=False)
         start = state["step"]
         loader.load_state_dict(state["loader"])
