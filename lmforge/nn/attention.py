@@ -191,16 +191,19 @@ def matmul_attention(
 
 
 def _matmul_is_faster(q: torch.Tensor, k: torch.Tensor, mask: AttentionMask) -> bool:
-    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] * k.shape[-2] <= MATMUL_MAX_SCORES
-            and (mask.bias is None or not mask.bias.requires_grad))
+    # Not for one query (a decode step): there the call's fixed costs (and GQA's repeated cache) outweigh the
+    # kernel's, and torch's SDPA reads the cache in place: bench/generate.py, bf16 batch 1, 1.47x HF with
+    # SDPA for decode steps against 1.21x with MatmulAttention.
+    return (q.device.type == "cpu" and q.dtype == torch.bfloat16 and q.shape[-2] > 1
+            and q.shape[-2] * k.shape[-2] <= MATMUL_MAX_SCORES and (mask.bias is None or not mask.bias.requires_grad))
 
 
 def sdpa_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: AttentionMask, scale: float, dropout: float = 0.0
 ) -> torch.Tensor:
     """torch's fused scaled_dot_product_attention (FlashAttention / memory-efficient kernels on GPU), or,
-    on the CPU in bf16 for short sequences (T x S <= MATMUL_MAX_SCORES), `matmul_attention`, which is
-    faster there than torch's CPU kernels."""
+    on the CPU in bf16 for short sequences (T x S <= MATMUL_MAX_SCORES) of more than one query,
+    `matmul_attention`, which is faster there than torch's CPU kernels."""
     if _matmul_is_faster(q, k, mask):
         return matmul_attention(q, k, v, mask, scale, dropout)
     return F.scaled_dot_product_attention(
