@@ -118,6 +118,9 @@ class MatmulAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float, keep, dropout: float, causal: bool = False):
+        # heads-first copies once (no-ops for contiguous inputs): the batched matmuls would copy a transposed
+        # projection's heads themselves, in forward and again in backward
+        q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         scores = torch.matmul(q, k.transpose(-2, -1))  # (B, H, T, S)
         if _softmax_kernel_applies(scores, bias, causal):
             # one pass: scale, causal mask, softmax in fp32, bf16 out (lmforge/nn/kernels/cpu.c), in place
