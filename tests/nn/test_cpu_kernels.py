@@ -304,3 +304,15 @@ def test_attention_takes_the_rope_kernel_in_bf16_only():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "FusedRopeBackward" in _graph_nodes(model(ids).logits)
     assert "FusedRopeBackward" not in _graph_nodes(model(ids).logits)
+
+
+def test_the_kernels_refuse_tensors_they_would_misread():
+    kernels = cpu_kernels()
+    with pytest.raises(ValueError, match="need contiguous CPU torch.bfloat16 tensors, got torch.float32"):
+        kernels.swiglu_fwd(torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="strides"):
+        kernels.gelu_tanh_fwd(_bf16(8, 4).t())
+    with pytest.raises(ValueError, match="MAX_SOFTMAX_COLS"):
+        kernels.attn_softmax_(_bf16(1, 1, 1, 8193), 1.0, False)
+    with pytest.raises(ValueError, match="torch.int64"):
+        kernels.cross_entropy_fwd(_bf16(2, 10), torch.tensor([1, 2], dtype=torch.int32), False)

@@ -54,22 +54,33 @@ SIGNATURES = {
     "cross_entropy_bwd": [_P, _P, _P, _P, _P, _P, _P, _I, _I],
 }
 
+RETURNS_STATUS = {"rms_norm_bwd"}  # 0, or -1 when an allocation failed
+
 # Longest score row attn_softmax_fwd takes: it keeps one row of fp32 values on the stack (32 KiB).
 MAX_SOFTMAX_COLS = 8192
 
 
+def _need(dtype: torch.dtype, *tensors: torch.Tensor, contiguous: bool = True) -> None:
+    """The kernels read raw pointers: a tensor of another dtype, device or layout would be read as garbage."""
+    for t in tensors:
+        if t.device.type != "cpu" or t.dtype != dtype or not (t.is_contiguous() if contiguous else t.stride(-1) == 1):
+            raise ValueError(f"lmforge.nn.kernels: need {'contiguous ' if contiguous else ''}CPU {dtype} tensors, got "
+                             f"{t.dtype} on {t.device} with strides {t.stride()}; call .contiguous() / .to() first")
+
+
 class CPUKernels:
     """The compiled kernels behind tensor-level calls. Inputs must be contiguous CPU tensors of the dtypes
-    named; each call allocates its outputs (or writes in place where it says so)."""
+    named (checked); each call allocates its outputs (or writes in place where it says so)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
         for name, argtypes in SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = None
+            getattr(lib, name).restype = ctypes.c_int if name in RETURNS_STATUS else None
         self.lib = lib
 
     def rms_norm_fwd(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
         """x (rows, dim) fp32, weight (dim,) fp32 -> y (rows, dim) fp32, rstd (rows,) fp32."""
+        _need(torch.float32, x, weight)
         rows, dim = x.shape
         y, rstd = torch.empty_like(x), torch.empty(rows, dtype=torch.float32)
         self.lib.rms_norm_fwd(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, dim, eps)
@@ -77,15 +88,19 @@ class CPUKernels:
 
     def rms_norm_bwd(self, x, weight, rstd, grad) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (grad_x (rows, dim), grad_weight (dim,)), all fp32."""
+        _need(torch.float32, x, weight, rstd, grad)
         rows, dim = x.shape
         grad_x, grad_w = torch.empty_like(x), torch.empty(dim, dtype=torch.float32)
-        self.lib.rms_norm_bwd(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(), grad_x.data_ptr(),
-                              grad_w.data_ptr(), rows, dim)
+        if self.lib.rms_norm_bwd(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(),
+                                 grad_x.data_ptr(), grad_w.data_ptr(), rows, dim):
+            raise MemoryError(f"rms_norm_bwd: no memory for its per-thread sums ({torch.get_num_threads()} x {dim})")
         return grad_x, grad_w
 
     def rope_(self, x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
         """Rotate bf16 x (B, T, heads, D) into out (same shape, any strides, channels contiguous) by the fp32
         tables cos, sin (B|1, T, D), contiguous; backward applies the transposed rotation."""
+        _need(torch.bfloat16, x, out, contiguous=False)
+        _need(torch.float32, cos, sin)
         B, T, heads, D = x.shape
         table_stride = cos.stride(0) if cos.shape[0] > 1 else 0
         self.lib.rope(x.data_ptr(), *x.stride()[:3], out.data_ptr(), *out.stride()[:3], cos.data_ptr(),
@@ -93,12 +108,14 @@ class CPUKernels:
 
     def swiglu_fwd(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, bf16 of one shape."""
+        _need(torch.bfloat16, gate, up)
         out = torch.empty_like(gate)
         self.lib.swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
         return out
 
     def swiglu_bwd(self, gate, up, grad) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (grad_gate, grad_up), bf16."""
+        _need(torch.bfloat16, gate, up, grad)
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
         self.lib.swiglu_bwd(gate.data_ptr(), up.data_ptr(), grad.data_ptr(), grad_gate.data_ptr(),
                             grad_up.data_ptr(), gate.numel())
@@ -106,24 +123,31 @@ class CPUKernels:
 
     def gelu_tanh_fwd(self, x: torch.Tensor) -> torch.Tensor:
         """GELU, tanh form, of bf16 x."""
+        _need(torch.bfloat16, x)
         out = torch.empty_like(x)
         self.lib.gelu_tanh_fwd(x.data_ptr(), out.data_ptr(), x.numel())
         return out
 
     def gelu_tanh_bwd(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """-> grad_x, bf16."""
+        _need(torch.bfloat16, x, grad)
         grad_x = torch.empty_like(x)
         self.lib.gelu_tanh_bwd(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel())
         return grad_x
 
     def attn_softmax_(self, scores: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
         """In place: bf16 scores (..., T, S) -> softmax(scale * scores) over S, causal keys j <= i + S - T."""
+        _need(torch.bfloat16, scores)
         T, S = scores.shape[-2:]
+        if S > MAX_SOFTMAX_COLS:
+            raise ValueError(f"attn_softmax_: rows of {S} scores exceed MAX_SOFTMAX_COLS={MAX_SOFTMAX_COLS}")
         self.lib.attn_softmax_fwd(scores.data_ptr(), scores.data_ptr(), scores.numel() // S, S, T, scale, int(causal))
         return scores
 
     def cross_entropy_fwd(self, logits: torch.Tensor, labels: torch.Tensor, with_sum: bool):
         """logits (N, V) bf16, labels (N,) int64 in [0, V) -> (lse, log p_label, sum_j log p_j or None), fp32 (N,)."""
+        _need(torch.bfloat16, logits)
+        _need(torch.int64, labels)
         rows, vocab = logits.shape
         lse, picked = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
         total = torch.empty(rows, dtype=torch.float32) if with_sum else None
@@ -133,6 +157,9 @@ class CPUKernels:
 
     def cross_entropy_bwd(self, logits, labels, lse, coef_p, coef_all, coef_label) -> torch.Tensor:
         """grad (N, V) bf16: coef_p p + coef_all + coef_label at the label, per-row fp32 coefficients."""
+        _need(torch.bfloat16, logits)
+        _need(torch.int64, labels)
+        _need(torch.float32, lse, coef_p, coef_all, coef_label)
         rows, vocab = logits.shape
         grad = torch.empty_like(logits)
         self.lib.cross_entropy_bwd(logits.data_ptr(), labels.data_ptr(), lse.data_ptr(), coef_p.data_ptr(),

@@ -1,7 +1,7 @@
-/* Fused CPU kernels for bf16 training (autocast): each reads its inputs once and writes its outputs once,
- * computing in fp32, where the same arithmetic in torch ops takes several passes over memory.
- * Built on first use by lmforge/kernels/__init__.py (gcc -O3 -march=native -fopenmp) and called through
- * ctypes; every kernel has a readable torch reference in the module that uses it, and tests compare them.
+/* Fused kernels for bf16 work on the CPU: each reads its inputs once and writes its outputs once, computing
+ * in fp32 (and rounding to bf16 once), where the same arithmetic in torch ops takes several passes over
+ * memory. Built on first use by lmforge/nn/kernels/__init__.py (cc -O3 -march=native -fopenmp ...) and
+ * called through ctypes; tests/nn/test_cpu_kernels.py checks each against its formula in float64.
  *
  * bf16 values travel as uint16_t bit patterns. Threads: OpenMP, the runtime torch itself loads
  * (libgomp.so.1), so torch.set_num_threads applies here too. */
@@ -75,11 +75,13 @@ void rms_norm_fwd(const float *x, const float *w, float *y, float *rstd, int64_t
 }
 
 /* dL/dx = r (g w) - x r^3 / D * sum_j (g w)_j x_j and dL/dw = sum_rows g (x r), for the output gradient g.
- * The weight gradient is summed per thread, then the partial sums in thread order, into gw. */
-void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *gy, float *gx, float *gw,
-                  int64_t rows, int64_t dim) {
+ * The weight gradient is summed per thread, then the partial sums in thread order, into gw. Returns 0, or -1
+ * when the per-thread sums cannot be allocated. */
+int rms_norm_bwd(const float *x, const float *w, const float *rstd, const float *gy, float *gx, float *gw,
+                 int64_t rows, int64_t dim) {
     int threads = omp_get_max_threads();
     float *partial = calloc((size_t)threads * (size_t)dim, sizeof(float));
+    if (partial == NULL) return -1;
     int used = 1;
 #pragma omp parallel num_threads(threads)
     {
@@ -108,6 +110,7 @@ void rms_norm_bwd(const float *x, const float *w, const float *rstd, const float
         gw[j] = total;
     }
     free(partial);
+    return 0;
 }
 
 /* ---- RoPE, "rotate half" (Su et al. 2021, §3.4.2) on bf16 heads with fp32 tables ------------------------
