@@ -261,6 +261,31 @@ def test_attention(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------
+# kernels.py: each fused CPU kernel's share of a bf16 training step
+# ---------------------------------------------------------------------------------------------
+
+def test_kernels(tmp_path):
+    from lmforge.nn.kernels import cpu_kernels
+
+    if cpu_kernels() is None:
+        pytest.skip("the fused CPU kernels are not built here (Linux and a C compiler needed)")
+    out = run_bench("kernels.py", "--sizes", "1x64", "--seq", "16", "--batch", "2", "--vocab", "128",
+                    "--repeats", "1", "--warmup", "0", tmp_path=tmp_path)
+    match_line(r"^bf16 training steps, batch 2 x 16, vocab 128, 1 threads, medians of 1 interleaved rounds$", out)
+    match_line(r"^config +kernels +step ms +cost$", out)
+    rows = re.findall(r"^(gpt2|llama) 1x64 +(\S+) +(.*)$", out, re.MULTILINE)
+    expected = {"gpt2": ["all", "none", "-gelu_tanh", "-attn_softmax", "-cross_entropy"],
+                "llama": ["all", "none", "-rms_norm", "-rope", "-swiglu", "-attn_softmax", "-cross_entropy"]}
+    for family, settings in expected.items():
+        assert [name for fam, name, _ in rows if fam == family] == settings, f"{family}: rows {rows}"
+    for family, name, rest in rows:
+        values = numbers(rest)
+        assert len(values) == 2, f"{family} {name}: expected step ms and cost, got {rest!r}"
+        check_positive(dict(zip(("step ms", "cost"), values)), f"{family} {name}")
+        assert name != "all" or values[1] == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
 # train_throughput.py: training steps/s and MFU, lmforge (aten, oneDNN) vs HF
 # ---------------------------------------------------------------------------------------------
 

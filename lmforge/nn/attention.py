@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import AttentionConfig
-from lmforge.nn.kernels import MAX_SOFTMAX_COLS, cpu_kernels
+from lmforge.nn.kernels import MAX_SOFTMAX_COLS, cpu_kernels, use_kernel
 from lmforge.nn.positions import apply_rope, rope_heads, rope_heads_applies
 
 
@@ -152,7 +152,7 @@ def _softmax_kernel_applies(scores: torch.Tensor, bias: torch.Tensor | None, cau
     T, S = scores.shape[-2:]
     return (bias is None and scores.device.type == "cpu" and scores.dtype == torch.bfloat16
             and S <= MAX_SOFTMAX_COLS and (T <= S or not causal) and scores.is_contiguous()
-            and not torch.compiler.is_compiling() and cpu_kernels() is not None)
+            and not torch.compiler.is_compiling() and use_kernel("attn_softmax"))
 
 
 def _causal_bias(T: int, S: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

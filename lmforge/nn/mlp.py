@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lmforge.config import MLPConfig
-from lmforge.nn.kernels import cpu_kernels
+from lmforge.nn.kernels import cpu_kernels, use_kernel
 
 ACTIVATIONS = {
     "relu": F.relu,
@@ -37,7 +37,7 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.up(x)
-        if self.fused_act and _fused_applies(h):
+        if self.fused_act and _fused_applies(h, "gelu_tanh"):
             return self.down(FusedGeluTanh.apply(h))
         return self.down(self.act(h))
 
@@ -58,15 +58,15 @@ class GatedMLP(nn.Module):
             # again for up, and both casts' gradients added back; one cast gives the same numbers
             x = x.to(torch.get_autocast_dtype(x.device.type))
         gate, up = self.gate(x), self.up(x)
-        if self.act is F.silu and _fused_applies(gate) and up.dtype == gate.dtype and up.shape == gate.shape:
+        if self.act is F.silu and _fused_applies(gate, "swiglu") and up.dtype == gate.dtype and up.shape == gate.shape:
             return self.down(FusedSwiGLU.apply(gate, up))
         return self.down(self.act(gate) * up)
 
 
-def _fused_applies(h: torch.Tensor) -> bool:
+def _fused_applies(h: torch.Tensor, kernel: str) -> bool:
     """bf16 activations on the CPU take lmforge.nn.kernels' fused activations (fp32 keeps torch's ops)."""
     return (h.device.type == "cpu" and h.dtype == torch.bfloat16 and not torch.compiler.is_compiling()
-            and cpu_kernels() is not None)
+            and use_kernel(kernel))
 
 
 class FusedGeluTanh(torch.autograd.Function):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from lmforge.config import NormConfig
-from lmforge.nn.kernels import cpu_kernels
+from lmforge.nn.kernels import cpu_kernels, use_kernel
 
 
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -71,7 +71,7 @@ def _fused_applies(x: torch.Tensor, weight: torch.Tensor) -> bool:
     bf16 by the next matmul anyway; fp32 runs keep the bit-exact path above."""
     return (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
             and torch.get_autocast_dtype("cpu") == torch.bfloat16 and x.dtype == torch.float32
-            and weight.dtype == torch.float32 and cpu_kernels() is not None)
+            and weight.dtype == torch.float32 and use_kernel("rms_norm"))
 
 
 class FusedRMSNorm(torch.autograd.Function):

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lmforge.config import ModelConfig, PositionConfig
-from lmforge.nn.kernels import cpu_kernels
+from lmforge.nn.kernels import cpu_kernels, use_kernel
 
 
 class NoPositions(nn.Module):
@@ -124,7 +124,7 @@ def rope_heads_applies(qk: torch.Tensor, cos: torch.Tensor) -> bool:
     B, T, _, D = qk.shape
     return (qk.device.type == "cpu" and qk.dtype == torch.bfloat16 and qk.stride(-1) == 1 and D % 2 == 0
             and cos.dtype == torch.float32 and cos.shape[0] in (1, B) and cos.shape[1:] == (1, T, D)
-            and cos.is_contiguous() and not torch.compiler.is_compiling() and cpu_kernels() is not None)
+            and cos.is_contiguous() and not torch.compiler.is_compiling() and use_kernel("rope"))
 
 
 def rope_heads(qk: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, n_q_head: int):

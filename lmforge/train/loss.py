@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
-from lmforge.nn.kernels import cpu_kernels
+from lmforge.nn.kernels import cpu_kernels, use_kernel
 
 # Rows of logits per chunk in ChunkedCrossEntropy on CPU: 2^18 fp32 values (1 MiB), so a chunk's fp32
 # temporaries stay in L2; at least 8 rows, so a huge vocabulary does not mean thousands of Python-level chunks.
@@ -133,7 +133,7 @@ class FusedCrossEntropy(torch.autograd.Function):
 
 def _fused_loss_applies(logits: torch.Tensor) -> bool:
     # bf16 only: fp32 and fp16 logits keep ChunkedCrossEntropy, bit for bit F.cross_entropy (the golden curve)
-    return logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and cpu_kernels() is not None
+    return logits.device.type == "cpu" and logits.dtype == torch.bfloat16 and use_kernel("cross_entropy")
 
 
 def token_loss(

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import lmforge
 from lmforge.nn import kernels as kernels_module
 from lmforge.nn.attention import AttentionMask, MatmulAttention, eager_attention, matmul_attention
-from lmforge.nn.kernels import cpu_kernels
+from lmforge.nn.kernels import KERNELS, cpu_kernels, use_kernel
 from lmforge.nn.mlp import FusedGeluTanh, FusedSwiGLU
 from lmforge.nn.norms import FusedRMSNorm, rms_norm, rms_norm_reference
 from lmforge.nn.positions import RotaryPositions, apply_rope_reference, rope_heads
@@ -31,10 +31,16 @@ def _bf16(*shape, seed=0, scale=1.0):
     return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
 
 
-def test_kernels_build_here_and_the_switch_turns_them_off(monkeypatch):
+def test_kernels_build_here_and_the_switch_chooses_them(monkeypatch):
     assert cpu_kernels() is not None, "a Linux machine with cc must build lmforge/nn/kernels/cpu.c"
+    assert all(use_kernel(name) for name in KERNELS)
     monkeypatch.setenv("LMFORGE_CPU_KERNELS", "0")
-    assert cpu_kernels() is None
+    assert not any(use_kernel(name) for name in KERNELS)
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "rope, cross_entropy")
+    assert [name for name in KERNELS if use_kernel(name)] == ["rope", "cross_entropy"]
+    monkeypatch.setenv("LMFORGE_CPU_KERNELS", "rope,flash")
+    with pytest.raises(ValueError, match=r"names unknown kernels \['flash'\]; use 1 \(all\), 0 \(none\)"):
+        use_kernel("rope")
 
 
 def test_build_is_cached_per_source_and_rebuilt_when_missing(tmp_path, monkeypatch):

@@ -9,9 +9,9 @@ loss curve with them).
 
 Who uses them: `lmforge.nn.norms` (RMSNorm), `lmforge.nn.positions` (RoPE), `lmforge.nn.mlp` (SwiGLU,
 GELU), `lmforge.nn.attention` (MatmulAttention's softmax) and `lmforge.train.loss` (cross-entropy), each
-through `cpu_kernels()`, falling back to its torch ops when that returns None: `LMFORGE_CPU_KERNELS=0`,
-not Linux, or no C compiler (one warning says so and how to fix it); the callers also keep their torch
-ops under torch.compile, which cannot trace a ctypes call.
+through `use_kernel(name)`, falling back to its torch ops when that says no: `LMFORGE_CPU_KERNELS=0` (or a
+list of the kernels to use, e.g. `rms_norm,rope`), not Linux, or no C compiler (one warning says so and how
+to fix it); the callers also keep their torch ops under torch.compile, which cannot trace a ctypes call.
 tests/nn/test_cpu_kernels.py checks every kernel against its readable torch reference.
 
 Build: `cc -O3 -march=native -fopenmp -fno-math-errno -fno-trapping-math -shared -fPIC`, once per
@@ -167,13 +167,30 @@ class CPUKernels:
         return grad
 
 
+KERNELS = ("rms_norm", "rope", "swiglu", "gelu_tanh", "attn_softmax", "cross_entropy")
+
 _loaded: dict[str, CPUKernels | None] = {}
 
 
+def use_kernel(name: str) -> bool:
+    """Whether the fused kernel `name` (one of KERNELS) is to run: $LMFORGE_CPU_KERNELS unset or 1 (all), 0
+    (none) or a comma-separated list of the kernels to use, and the library built (see `cpu_kernels`)."""
+    switch = os.environ.get(ENV_SWITCH, "1").strip()
+    if switch == "0":
+        return False
+    if switch != "1":
+        chosen = {part.strip() for part in switch.split(",") if part.strip()}
+        if chosen - set(KERNELS):
+            raise ValueError(f"{ENV_SWITCH}={switch!r} names unknown kernels {sorted(chosen - set(KERNELS))}; use 1 "
+                             f"(all), 0 (none) or a comma-separated list of {', '.join(KERNELS)}")
+        if name not in chosen:
+            return False
+    return cpu_kernels() is not None
+
+
 def cpu_kernels() -> CPUKernels | None:
-    """The kernels, built on first call; None where they cannot or should not run (see the module doc)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return None
+    """The kernels, built on first call; None where they cannot be (see the module doc). Callers decide with
+    `use_kernel`, which also reads the switch."""
     if "kernels" not in _loaded:
         _loaded["kernels"] = _load()
     return _loaded["kernels"]
