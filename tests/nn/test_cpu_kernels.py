@@ -1,6 +1,6 @@
-"""The fused CPU kernels of bf16 training (lmforge/nn/kernels/cpu.c) against their readable references in float64:
-RMSNorm, SwiGLU, MatmulAttention's softmax and the cross-entropy, forward and backward; when the modules
-take them; and a bf16 training step with and without them."""
+"""The fused CPU kernels of bf16 work (lmforge/nn/kernels/cpu.c) against their formulas in float64: RMSNorm, RoPE,
+SwiGLU, GELU (tanh), MatmulAttention's softmax and the cross-entropy, forward and backward; when the modules
+take them; the build, its cache and its fallback; and a bf16 training step with and without them."""
 
 from __future__ import annotations
 
