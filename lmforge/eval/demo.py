@@ -13,7 +13,8 @@ from lmforge.train.recipe import recipe_from_dict
 from lmforge.train.setup import shards_for, tokenizer_for
 
 # A 4-layer, 256-wide Llama (GQA, RoPE, SwiGLU) on 8192 BPE tokens, 1300 steps of 16 x 256 tokens: about 5
-# minutes of training on 2 CPU cores with native bf16 (train.precision auto picks it), about 10 in fp32.
+# minutes of training on 2 CPU cores with native bf16 (train.precision auto picks it); about 10 in fp32, estimated
+# from the fp32 rate (bench/train_throughput.py), not run.
 DEMO_RECIPE: dict[str, Any] = {
     "model": {"preset": "debug-llama", "overrides": {
         "n_layer": 4, "d_model": 256, "attention": {"n_head": 4, "n_kv_head": 2}, "mlp": {"d_ff": 704},

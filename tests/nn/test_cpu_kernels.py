@@ -316,9 +316,17 @@ def test_the_kernels_refuse_tensors_they_would_misread():
     kernels = cpu_kernels()
     with pytest.raises(ValueError, match="need contiguous CPU torch.bfloat16 tensors, got torch.float32"):
         kernels.swiglu_fwd(torch.randn(4, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="need tensors of one shape"):
+        kernels.swiglu_fwd(_bf16(4, 8), _bf16(4, 4))
+    with pytest.raises(ValueError, match=r"weight has shape \(8,\), the kernel needs \(16,\)"):
+        kernels.rms_norm_fwd(torch.randn(3, 16), torch.ones(8), 1e-6)
     with pytest.raises(ValueError, match="strides"):
         kernels.gelu_tanh_fwd(_bf16(8, 4).t())
     with pytest.raises(ValueError, match="MAX_SOFTMAX_COLS"):
         kernels.attn_softmax_(_bf16(1, 1, 1, 8193), 1.0, False)
     with pytest.raises(ValueError, match="torch.int64"):
         kernels.cross_entropy_fwd(_bf16(2, 10), torch.tensor([1, 2], dtype=torch.int32), False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):  # -100: an ignore_index not mapped
+        kernels.cross_entropy_fwd(_bf16(2, 10), torch.tensor([1, -100]), False)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 10\)"):
+        kernels.cross_entropy_bwd(_bf16(2, 10), torch.tensor([10, 2]), *torch.zeros(4, 2))

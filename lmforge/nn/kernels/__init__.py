@@ -54,18 +54,27 @@ SIGNATURES = {
     "cross_entropy_bwd": [_P, _P, _P, _P, _P, _P, _P, _I, _I],
 }
 
-RETURNS_STATUS = {"rms_norm_bwd"}  # 0, or -1 when an allocation failed
+RETURNS_STATUS = {"rms_norm_bwd", "cross_entropy_fwd", "cross_entropy_bwd"}  # 0, or -1 on bad input
 
 # Longest score row attn_softmax_fwd takes: it keeps one row of fp32 values on the stack (32 KiB).
 MAX_SOFTMAX_COLS = 8192
 
 
-def _need(dtype: torch.dtype, *tensors: torch.Tensor, contiguous: bool = True) -> None:
-    """The kernels read raw pointers: a tensor of another dtype, device or layout would be read as garbage."""
+def _need(dtype: torch.dtype, *tensors: torch.Tensor, contiguous: bool = True, same_shape: bool = False) -> None:
+    """The kernels read raw pointers: a tensor of another dtype, device, layout or (with same_shape) size would
+    be read as garbage or past its end."""
+    if same_shape and len({t.shape for t in tensors}) > 1:
+        raise ValueError(f"lmforge.nn.kernels: need tensors of one shape, got {[tuple(t.shape) for t in tensors]}")
     for t in tensors:
         if t.device.type != "cpu" or t.dtype != dtype or not (t.is_contiguous() if contiguous else t.stride(-1) == 1):
             raise ValueError(f"lmforge.nn.kernels: need {'contiguous ' if contiguous else ''}CPU {dtype} tensors, got "
                              f"{t.dtype} on {t.device} with strides {t.stride()}; call .contiguous() / .to() first")
+
+
+def _need_sizes(**named: tuple[torch.Tensor, tuple[int, ...]]) -> None:
+    for name, (t, shape) in named.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"lmforge.nn.kernels: {name} has shape {tuple(t.shape)}, the kernel needs {shape}")
 
 
 class CPUKernels:
@@ -82,14 +91,17 @@ class CPUKernels:
         """x (rows, dim) fp32, weight (dim,) fp32 -> y (rows, dim) fp32, rstd (rows,) fp32."""
         _need(torch.float32, x, weight)
         rows, dim = x.shape
+        _need_sizes(weight=(weight, (dim,)))
         y, rstd = torch.empty_like(x), torch.empty(rows, dtype=torch.float32)
         self.lib.rms_norm_fwd(x.data_ptr(), weight.data_ptr(), y.data_ptr(), rstd.data_ptr(), rows, dim, eps)
         return y, rstd
 
     def rms_norm_bwd(self, x, weight, rstd, grad) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (grad_x (rows, dim), grad_weight (dim,)), all fp32."""
-        _need(torch.float32, x, weight, rstd, grad)
+        _need(torch.float32, x, grad, same_shape=True)
+        _need(torch.float32, weight, rstd)
         rows, dim = x.shape
+        _need_sizes(weight=(weight, (dim,)), rstd=(rstd, (rows,)))
         grad_x, grad_w = torch.empty_like(x), torch.empty(dim, dtype=torch.float32)
         if self.lib.rms_norm_bwd(x.data_ptr(), weight.data_ptr(), rstd.data_ptr(), grad.data_ptr(),
                                  grad_x.data_ptr(), grad_w.data_ptr(), rows, dim):
@@ -99,8 +111,10 @@ class CPUKernels:
     def rope_(self, x: torch.Tensor, out: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool) -> None:
         """Rotate bf16 x (B, T, heads, D) into out (same shape, any strides, channels contiguous) by the fp32
         tables cos, sin (B|1, T, D), contiguous; backward applies the transposed rotation."""
-        _need(torch.bfloat16, x, out, contiguous=False)
-        _need(torch.float32, cos, sin)
+        _need(torch.bfloat16, x, out, contiguous=False, same_shape=True)
+        _need(torch.float32, cos, sin, same_shape=True)
+        if cos.shape[1:] != (x.shape[1], x.shape[3]):
+            raise ValueError(f"rope_: tables {tuple(cos.shape)} do not match x {tuple(x.shape)}: need (B|1, T, D)")
         B, T, heads, D = x.shape
         table_stride = cos.stride(0) if cos.shape[0] > 1 else 0
         self.lib.rope(x.data_ptr(), *x.stride()[:3], out.data_ptr(), *out.stride()[:3], cos.data_ptr(),
@@ -108,14 +122,14 @@ class CPUKernels:
 
     def swiglu_fwd(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         """silu(gate) * up, bf16 of one shape."""
-        _need(torch.bfloat16, gate, up)
+        _need(torch.bfloat16, gate, up, same_shape=True)
         out = torch.empty_like(gate)
         self.lib.swiglu_fwd(gate.data_ptr(), up.data_ptr(), out.data_ptr(), gate.numel())
         return out
 
     def swiglu_bwd(self, gate, up, grad) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (grad_gate, grad_up), bf16."""
-        _need(torch.bfloat16, gate, up, grad)
+        _need(torch.bfloat16, gate, up, grad, same_shape=True)
         grad_gate, grad_up = torch.empty_like(gate), torch.empty_like(up)
         self.lib.swiglu_bwd(gate.data_ptr(), up.data_ptr(), grad.data_ptr(), grad_gate.data_ptr(),
                             grad_up.data_ptr(), gate.numel())
@@ -130,7 +144,7 @@ class CPUKernels:
 
     def gelu_tanh_bwd(self, x: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         """-> grad_x, bf16."""
-        _need(torch.bfloat16, x, grad)
+        _need(torch.bfloat16, x, grad, same_shape=True)
         grad_x = torch.empty_like(x)
         self.lib.gelu_tanh_bwd(x.data_ptr(), grad.data_ptr(), grad_x.data_ptr(), x.numel())
         return grad_x
@@ -149,10 +163,12 @@ class CPUKernels:
         _need(torch.bfloat16, logits)
         _need(torch.int64, labels)
         rows, vocab = logits.shape
+        _need_sizes(labels=(labels, (rows,)))
         lse, picked = torch.empty(rows, dtype=torch.float32), torch.empty(rows, dtype=torch.float32)
         total = torch.empty(rows, dtype=torch.float32) if with_sum else None
-        self.lib.cross_entropy_fwd(logits.data_ptr(), labels.data_ptr(), lse.data_ptr(), picked.data_ptr(),
-                                   total.data_ptr() if total is not None else None, rows, vocab)
+        if self.lib.cross_entropy_fwd(logits.data_ptr(), labels.data_ptr(), lse.data_ptr(), picked.data_ptr(),
+                                      total.data_ptr() if total is not None else None, rows, vocab):
+            raise ValueError(f"cross_entropy_fwd: labels must lie in [0, {vocab}); map ignored ones to 0 first")
         return lse, picked, total
 
     def cross_entropy_bwd(self, logits, labels, lse, coef_p, coef_all, coef_label) -> torch.Tensor:
@@ -161,9 +177,12 @@ class CPUKernels:
         _need(torch.int64, labels)
         _need(torch.float32, lse, coef_p, coef_all, coef_label)
         rows, vocab = logits.shape
+        _need_sizes(**{name: (t, (rows,)) for name, t in (("labels", labels), ("lse", lse), ("coef_p", coef_p),
+                                                            ("coef_all", coef_all), ("coef_label", coef_label))})
         grad = torch.empty_like(logits)
-        self.lib.cross_entropy_bwd(logits.data_ptr(), labels.data_ptr(), lse.data_ptr(), coef_p.data_ptr(),
-                                   coef_all.data_ptr(), coef_label.data_ptr(), grad.data_ptr(), rows, vocab)
+        if self.lib.cross_entropy_bwd(logits.data_ptr(), labels.data_ptr(), lse.data_ptr(), coef_p.data_ptr(),
+                                      coef_all.data_ptr(), coef_label.data_ptr(), grad.data_ptr(), rows, vocab):
+            raise ValueError(f"cross_entropy_bwd: labels must lie in [0, {vocab}); map ignored ones to 0 first")
         return grad
 
 

@@ -247,9 +247,12 @@ void attn_softmax_fwd(const uint16_t *s, uint16_t *p, int64_t rows, int64_t cols
 
 /* ---- Cross-entropy over bf16 logit rows -----------------------------------------------------------------
  * Per row i of `vocab` logits x: lse_i = log sum_j exp(x_j) (fp32), picked_i = x_{y_i} - lse_i = log p_{y_i},
- * and, when sum_logp is given, sum_logp_i = sum_j log p_j (label smoothing's term). */
-void cross_entropy_fwd(const uint16_t *logits, const int64_t *labels, float *lse, float *picked, float *sum_logp,
-                       int64_t rows, int64_t vocab) {
+ * and, when sum_logp is given, sum_logp_i = sum_j log p_j (label smoothing's term). Returns 0, or -1 (and
+ * computes nothing) when a label lies outside [0, vocab). */
+int cross_entropy_fwd(const uint16_t *logits, const int64_t *labels, float *lse, float *picked, float *sum_logp,
+                      int64_t rows, int64_t vocab) {
+    for (int64_t i = 0; i < rows; i++)
+        if (labels[i] < 0 || labels[i] >= vocab) return -1; /* would index outside the row */
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < rows; i++) {
         const uint16_t *xi = logits + i * vocab;
@@ -271,13 +274,16 @@ void cross_entropy_fwd(const uint16_t *logits, const int64_t *labels, float *lse
         picked[i] = bf16_to_f32(xi[labels[i]]) - l;
         if (sum_logp) sum_logp[i] = total - (float)vocab * l;
     }
+    return 0;
 }
 
 /* grad_ij = bf16(coef_p_i p_ij + coef_all_i + [j == y_i] coef_label_i), p_ij = exp(x_ij - lse_i): the
  * gradient of any weighted mix of -log p_y and sum_j -log p_j, whose weights the caller folds into the
- * three per-row coefficients. */
-void cross_entropy_bwd(const uint16_t *logits, const int64_t *labels, const float *lse, const float *coef_p,
-                       const float *coef_all, const float *coef_label, uint16_t *grad, int64_t rows, int64_t vocab) {
+ * three per-row coefficients. Returns 0, or -1 (and computes nothing) when a label lies outside [0, vocab). */
+int cross_entropy_bwd(const uint16_t *logits, const int64_t *labels, const float *lse, const float *coef_p,
+                      const float *coef_all, const float *coef_label, uint16_t *grad, int64_t rows, int64_t vocab) {
+    for (int64_t i = 0; i < rows; i++)
+        if (labels[i] < 0 || labels[i] >= vocab) return -1;
 #pragma omp parallel for schedule(static)
     for (int64_t i = 0; i < rows; i++) {
         const uint16_t *xi = logits + i * vocab;
@@ -288,4 +294,5 @@ void cross_entropy_bwd(const uint16_t *logits, const int64_t *labels, const floa
         int64_t y = labels[i];
         gi[y] = f32_to_bf16(cp * exp_f32(bf16_to_f32(xi[y]) - l) + ca + coef_label[i]);
     }
+    return 0;
 }
